@@ -1,0 +1,447 @@
+//! Configuration: `cozy.yaml`, then the environment, then flags, validated once into [`Settings`].
+//!
+//! Precedence is flags > environment (`COZY_*`) > file > defaults. Every source is parsed into the same
+//! optional [`Layer`], layers are merged, and only then validated, so an error always names where the bad
+//! value came from: `cozy.yaml:3:7: unknown field ...`, or `COZY_LISTEN: invalid socket address`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the place at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}:{line}:{column}: {message}")]
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{source_name}: {message}")]
+    Value {
+        source_name: String,
+        message: String,
+    },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured on a terminal.
+    Pretty,
+    /// One JSON object per line (the daemon's default when not on a terminal).
+    Json,
+}
+
+/// One source of settings; every field optional so sources can be layered.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub listen: Option<String>,
+    pub run_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub workers: Option<usize>,
+    pub session_ttl_secs: Option<u64>,
+    pub idempotency_retention_secs: Option<u64>,
+    pub idempotency_lease_secs: Option<u64>,
+    pub gateway_delay_ms: Option<u64>,
+    pub gateway_timeout_ms: Option<u64>,
+    pub argon2_memory_kib: Option<u32>,
+    pub argon2_iterations: Option<u32>,
+    pub request_timeout_secs: Option<u64>,
+}
+
+impl Layer {
+    /// Values of `other` win over `self`.
+    fn overlay(self, other: Layer) -> Layer {
+        Layer {
+            database_url: other.database_url.or(self.database_url),
+            redis_url: other.redis_url.or(self.redis_url),
+            listen: other.listen.or(self.listen),
+            run_dir: other.run_dir.or(self.run_dir),
+            data_dir: other.data_dir.or(self.data_dir),
+            log_format: other.log_format.or(self.log_format),
+            workers: other.workers.or(self.workers),
+            session_ttl_secs: other.session_ttl_secs.or(self.session_ttl_secs),
+            idempotency_retention_secs: other
+                .idempotency_retention_secs
+                .or(self.idempotency_retention_secs),
+            idempotency_lease_secs: other.idempotency_lease_secs.or(self.idempotency_lease_secs),
+            gateway_delay_ms: other.gateway_delay_ms.or(self.gateway_delay_ms),
+            gateway_timeout_ms: other.gateway_timeout_ms.or(self.gateway_timeout_ms),
+            argon2_memory_kib: other.argon2_memory_kib.or(self.argon2_memory_kib),
+            argon2_iterations: other.argon2_iterations.or(self.argon2_iterations),
+            request_timeout_secs: other.request_timeout_secs.or(self.request_timeout_secs),
+        }
+    }
+
+    /// Parses a YAML file; errors carry file:line:column.
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Layer, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Layer::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            // serde_yaml_ng appends " at line L column C" to the message; the prefix already says it.
+            let message = e.to_string();
+            let message = match message.find(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            ConfigError::File {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        })
+    }
+
+    /// Reads the `COZY_*` variables through `get` (the process environment in production).
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Layer, ConfigError> {
+        fn num<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            var: &str,
+        ) -> Result<Option<T>, ConfigError> {
+            match get(var) {
+                None => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Value {
+                    source_name: var.into(),
+                    message: format!("expected a non-negative integer, got {v:?}"),
+                }),
+            }
+        }
+        let log_format = match get("COZY_LOG_FORMAT").as_deref() {
+            None => None,
+            Some("json") => Some(LogFormat::Json),
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some(other) => {
+                return Err(ConfigError::Value {
+                    source_name: "COZY_LOG_FORMAT".into(),
+                    message: format!("expected `pretty` or `json`, got {other:?}"),
+                })
+            }
+        };
+        Ok(Layer {
+            database_url: get("COZY_DATABASE_URL").filter(|s| !s.is_empty()),
+            redis_url: get("COZY_REDIS_URL").filter(|s| !s.is_empty()),
+            listen: get("COZY_LISTEN"),
+            run_dir: get("COZY_RUN_DIR").map(PathBuf::from),
+            data_dir: get("COZY_DATA_DIR").map(PathBuf::from),
+            log_format,
+            workers: num(&get, "COZY_WORKERS")?,
+            session_ttl_secs: num(&get, "COZY_SESSION_TTL_SECS")?,
+            idempotency_retention_secs: num(&get, "COZY_IDEMPOTENCY_RETENTION_SECS")?,
+            idempotency_lease_secs: num(&get, "COZY_IDEMPOTENCY_LEASE_SECS")?,
+            gateway_delay_ms: num(&get, "COZY_GATEWAY_DELAY_MS")?,
+            gateway_timeout_ms: num(&get, "COZY_GATEWAY_TIMEOUT_MS")?,
+            argon2_memory_kib: num(&get, "COZY_ARGON2_MEMORY_KIB")?,
+            argon2_iterations: num(&get, "COZY_ARGON2_ITERATIONS")?,
+            request_timeout_secs: num(&get, "COZY_REQUEST_TIMEOUT_SECS")?,
+        })
+    }
+}
+
+/// Which database is the system of record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// The embedded default: one SQLite file.
+    Sqlite(PathBuf),
+    /// MySQL 8 / MariaDB 10.6+, by URL.
+    MySql(String),
+}
+
+impl DatabaseTarget {
+    /// The URL sqlx connects with.
+    pub fn url(&self) -> String {
+        match self {
+            DatabaseTarget::Sqlite(path) => format!("sqlite://{}?mode=rwc", path.display()),
+            DatabaseTarget::MySql(url) => url.clone(),
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, DatabaseTarget::Sqlite(_))
+    }
+}
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct PasswordCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
+}
+
+/// Validated settings: a value of this type is a configuration cozy can run with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database: DatabaseTarget,
+    pub redis_url: Option<String>,
+    pub listen: SocketAddr,
+    pub run_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_format: Option<LogFormat>,
+    pub workers: usize,
+    pub session_ttl: Duration,
+    pub idempotency_retention: Duration,
+    pub idempotency_lease: Duration,
+    pub gateway_delay: Duration,
+    pub gateway_timeout: Duration,
+    pub password_cost: PasswordCost,
+    pub request_timeout: Duration,
+    /// Where the settings came from, for `cozy serve` to log at start (PM2 lesson: say which config runs).
+    pub sources: Vec<String>,
+}
+
+pub const DEFAULT_CONFIG_FILE: &str = "cozy.yaml";
+
+impl Settings {
+    /// Loads settings: `file` (or `cozy.yaml` when present), the process environment, then `flags`.
+    pub fn load(file: Option<&Path>, flags: Layer) -> Result<Settings, ConfigError> {
+        Self::load_with(file, flags, |k| std::env::var(k).ok())
+    }
+
+    pub fn load_with(
+        file: Option<&Path>,
+        flags: Layer,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut sources = Vec::new();
+        let file_layer = match file {
+            Some(path) => {
+                sources.push(path.display().to_string());
+                read_file(path)?
+            }
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                sources.push(DEFAULT_CONFIG_FILE.into());
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Layer::default(),
+        };
+        let env_layer = Layer::from_env(&env)?;
+        sources.push("environment".into());
+        let merged = file_layer.overlay(env_layer).overlay(flags);
+        Self::validate(merged, &env, sources)
+    }
+
+    fn validate(
+        l: Layer,
+        env: &impl Fn(&str) -> Option<String>,
+        sources: Vec<String>,
+    ) -> Result<Settings, ConfigError> {
+        let data_dir = l.data_dir.unwrap_or_else(|| default_data_dir(env));
+        let database = match l.database_url {
+            None => DatabaseTarget::Sqlite(data_dir.join("cozy.db")),
+            Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
+                DatabaseTarget::MySql(url.replacen("mariadb://", "mysql://", 1))
+            }
+            Some(url) if url.starts_with("sqlite://") || url.starts_with("sqlite:") => {
+                let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+                let path = rest.split('?').next().unwrap_or_default();
+                DatabaseTarget::Sqlite(PathBuf::from(path))
+            }
+            Some(url) => {
+                return Err(ConfigError::Value {
+                    source_name: "database_url".into(),
+                    message: format!(
+                        "unsupported URL {:?}: expected mysql://USER:PASS@HOST:PORT/DB or sqlite://PATH",
+                        redact(&url)
+                    ),
+                })
+            }
+        };
+        if let Some(url) = &l.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return Err(ConfigError::Value {
+                    source_name: "redis_url".into(),
+                    message: format!("expected redis://HOST:PORT[/DB], got {:?}", redact(url)),
+                });
+            }
+        }
+        let listen_text = l.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Value {
+            source_name: "listen".into(),
+            message: format!(
+                "invalid socket address {listen_text:?} (expected e.g. 127.0.0.1:8080)"
+            ),
+        })?;
+        let workers = l.workers.unwrap_or(1);
+        if workers == 0 {
+            return Err(ConfigError::Value {
+                source_name: "workers".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        let secs = Duration::from_secs;
+        Ok(Settings {
+            database,
+            redis_url: l.redis_url,
+            listen,
+            run_dir: l.run_dir.unwrap_or_else(|| default_run_dir(env)),
+            data_dir,
+            log_format: l.log_format,
+            workers,
+            session_ttl: secs(l.session_ttl_secs.unwrap_or(24 * 3600).max(1)),
+            idempotency_retention: secs(l.idempotency_retention_secs.unwrap_or(24 * 3600)),
+            idempotency_lease: secs(l.idempotency_lease_secs.unwrap_or(60).max(1)),
+            gateway_delay: Duration::from_millis(l.gateway_delay_ms.unwrap_or(0)),
+            gateway_timeout: Duration::from_millis(l.gateway_timeout_ms.unwrap_or(10_000).max(1)),
+            password_cost: PasswordCost {
+                memory_kib: l.argon2_memory_kib.unwrap_or(19 * 1024).max(8),
+                iterations: l.argon2_iterations.unwrap_or(2).max(1),
+            },
+            request_timeout: secs(l.request_timeout_secs.unwrap_or(30).max(1)),
+            sources,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Layer, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Layer::from_yaml(path, &text)
+}
+
+/// Hides the password of a URL before it is shown anywhere.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check: /proc/self is ours; the uid line of status is "Uid:\treal\teffective...".
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn default_data_dir(env: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(dir) = env("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("cozy");
+    }
+    if is_root() {
+        return PathBuf::from("/var/lib/cozy");
+    }
+    match env("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/cozy"),
+        None => PathBuf::from(".cozy"),
+    }
+}
+
+fn default_run_dir(env: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(dir) = env("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("cozy");
+    }
+    if is_root() {
+        return PathBuf::from("/run/cozy");
+    }
+    std::env::temp_dir().join(format!(
+        "cozy-{}",
+        env("USER").unwrap_or_else(|| "user".into())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_bad_file_is_reported_with_line_and_column() {
+        let err = Layer::from_yaml(
+            Path::new("cozy.yaml"),
+            "listen: 127.0.0.1:1\nlisten_port: 3\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cozy.yaml:2:1: unknown field `listen_port`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "listen: 127.0.0.1:1000\nworkers: 3\nsession_ttl_secs: 5\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "COZY_LISTEN" => Some("127.0.0.1:2000".to_string()),
+            "COZY_WORKERS" => Some("2".to_string()),
+            _ => None,
+        };
+        let flags = Layer {
+            workers: Some(4),
+            ..Layer::default()
+        };
+        let s = Settings::load_with(Some(&file), flags, env).unwrap();
+        assert_eq!(s.listen.port(), 2000);
+        assert_eq!(s.workers, 4);
+        assert_eq!(s.session_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn no_configuration_means_the_embedded_sqlite_default() {
+        let s = Settings::load_with(None, Layer::default(), no_env).unwrap();
+        assert!(s.database.is_embedded());
+        assert!(s.redis_url.is_none());
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable() {
+        let env = |k: &str| (k == "COZY_WORKERS").then(|| "many".to_string());
+        let err = Settings::load_with(None, Layer::default(), env).unwrap_err();
+        assert!(err.to_string().starts_with("COZY_WORKERS:"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("mysql://u:secret@h:3306/db"),
+            "mysql://u:***@h:3306/db"
+        );
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+}

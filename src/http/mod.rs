@@ -1,0 +1,109 @@
+//! The HTTP API (http-api.md) on axum: router, server loop, middleware.
+//!
+//! - [`problem`]: every error as RFC 9457 problem+json with a stable `code`.
+//! - [`extract`]: auth, bodies, ids and headers, rejecting bad input with the field at fault.
+//! - [`idempotent`]: the `Idempotency-Key` wrapper around effectful handlers.
+//! - [`routes`]: one file per area of the API.
+//! - [`telemetry`]: per-route request counts and latency histograms for `/metrics`.
+
+pub mod extract;
+pub mod idempotent;
+pub mod problem;
+pub mod routes;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::app::App;
+use problem::Problem;
+
+pub type AppState = Arc<App>;
+
+/// Request bodies above this many bytes are refused with 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Every route of the API, as (method, path). The OpenAPI document is tested against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/users"),
+    ("post", "/v1/sessions"),
+    ("delete", "/v1/sessions/current"),
+    ("post", "/v1/resources"),
+    ("get", "/v1/resources"),
+    ("get", "/v1/resources/{id}"),
+    ("post", "/v1/reservations"),
+    ("get", "/v1/reservations"),
+    ("get", "/v1/reservations/{id}"),
+    ("post", "/v1/reservations/{id}/pay"),
+    ("post", "/v1/reservations/{id}/cancel"),
+    ("get", "/v1/reservations/{id}/events"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// Builds the router with its middleware.
+pub fn router(app: AppState) -> Router {
+    use routes::{accounts, ops, reservations, resources};
+    let timeout = app.settings.request_timeout;
+    Router::new()
+        .route("/v1/users", post(accounts::create_user))
+        .route("/v1/sessions", post(accounts::create_session))
+        .route("/v1/sessions/current", delete(accounts::delete_session))
+        .route(
+            "/v1/resources",
+            post(resources::create).get(resources::list),
+        )
+        .route("/v1/resources/{id}", get(resources::show))
+        .route(
+            "/v1/reservations",
+            post(reservations::create).get(reservations::list),
+        )
+        .route("/v1/reservations/{id}", get(reservations::show))
+        .route("/v1/reservations/{id}/pay", post(reservations::pay))
+        .route("/v1/reservations/{id}/cancel", post(reservations::cancel))
+        .route("/v1/reservations/{id}/events", get(reservations::events))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(|| async { Problem::not_found() })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(telemetry::track))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                axum::response::IntoResponse::into_response(Problem::internal("handler panicked"))
+            },
+        ))
+        .with_state(app)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

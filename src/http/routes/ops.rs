@@ -1,0 +1,140 @@
+//! Operations endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::http::problem::Problem;
+use crate::http::AppState;
+
+/// The OpenAPI 3 document of this API (kept in step with the router by a test).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls are no-ops).
+pub fn install_metrics() {
+    if PROMETHEUS.get().is_some() {
+        return;
+    }
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("cozy_http_request_duration_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .expect("static bucket list is not empty");
+    if let Ok(handle) = builder.install_recorder() {
+        let _ = PROMETHEUS.set(handle);
+    }
+    metrics::describe_counter!(
+        "cozy_http_requests_total",
+        "HTTP requests by route, method and status"
+    );
+    metrics::describe_histogram!(
+        "cozy_http_request_duration_seconds",
+        "HTTP request latency by route"
+    );
+    metrics::describe_counter!(
+        "cozy_reservation_transitions_total",
+        "Reservation state transitions"
+    );
+    metrics::describe_counter!(
+        "cozy_idempotent_replays_total",
+        "Responses replayed for a repeated Idempotency-Key"
+    );
+    metrics::describe_gauge!(
+        "cozy_websocket_connections",
+        "Open realtime WebSocket connections"
+    );
+    metrics::describe_counter!(
+        "cozy_worker_restarts_total",
+        "Worker processes restarted by the supervisor"
+    );
+    metrics::counter!("cozy_idempotent_replays_total").absolute(0);
+    metrics::counter!("cozy_worker_restarts_total").absolute(0);
+    metrics::gauge!("cozy_websocket_connections").set(0.0);
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    let database = app.db.ping().await.map_err(|e| e.to_string());
+    let sessions = app.sessions.ping().await.map_err(|e| e.to_string());
+    match (&database, &sessions) {
+        (Ok(()), Ok(())) => {
+            Json(json!({ "status": "ready", "database": "ok", "sessions": "ok" })).into_response()
+        }
+        _ => {
+            let mut failed = Vec::new();
+            if let Err(e) = &database {
+                failed.push(format!("database: {e}"));
+            }
+            if let Err(e) = &sessions {
+                failed.push(format!("{}: {e}", app.sessions.kind()));
+            }
+            Problem::unavailable(format!("not ready: {}", failed.join("; ")))
+                .with("database", if database.is_ok() { "ok" } else { "failed" })
+                .with("sessions", if sessions.is_ok() { "ok" } else { "failed" })
+                .into_response()
+        }
+    }
+}
+
+pub async fn metrics() -> Response {
+    let body = PROMETHEUS
+        .get()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+pub async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_of_the_router() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert!(doc["openapi"].as_str().unwrap_or("").starts_with("3."));
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                    documented.push((method.clone(), path.clone()));
+                }
+            }
+        }
+        let mut routed: Vec<_> = crate::http::ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
+}
