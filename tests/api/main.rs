@@ -1,0 +1,15 @@
+//! Integration tests: the real `cozy` binary over HTTP, on SQLite and on MySQL + Redis.
+//! All modules compile into this one test binary so linking happens once.
+
+mod helpers;
+
+mod accounts;
+mod cli;
+mod concurrency;
+mod crash;
+mod expiry;
+mod idempotency;
+mod ops;
+mod payments;
+mod reservations;
+mod resources;
