@@ -2,7 +2,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::accounts::AccountError;
 use crate::idempotency::IdempotencyError;
@@ -17,7 +17,8 @@ pub struct Problem {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
-    pub extra: Map<String, Value>,
+    /// Extension members (RFC 9457 §3.2): `field`, `from`/`to`, `available`, …
+    pub extra: Vec<(&'static str, Value)>,
     pub retry_after: Option<u64>,
 }
 
@@ -27,14 +28,20 @@ impl Problem {
             status,
             code,
             detail: detail.into(),
-            extra: Map::new(),
+            extra: Vec::new(),
             retry_after: None,
         }
     }
 
-    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.extra.insert(key.to_string(), value.into());
+    pub fn with(mut self, key: &'static str, value: impl Into<Value>) -> Self {
+        self.extra.retain(|(k, _)| *k != key);
+        self.extra.push((key, value.into()));
         self
+    }
+
+    /// An extension member, if set.
+    pub fn member(&self, key: &str) -> Option<&Value> {
+        self.extra.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
     pub fn invalid(field: &str, detail: impl Into<String>) -> Self {
@@ -113,7 +120,7 @@ impl Problem {
         });
         if let Value::Object(map) = &mut body {
             for (k, v) in &self.extra {
-                map.insert(k.clone(), v.clone());
+                map.insert((*k).to_string(), v.clone());
             }
         }
         body

@@ -39,7 +39,7 @@ impl IdempotencyKey {
 /// whitespace and key order do not matter).
 pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
     let canonical = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec()),
+        Ok(v) => serde_json::to_vec(&sorted(v)).unwrap_or_else(|_| body.to_vec()),
         Err(_) => body.to_vec(),
     };
     let mut h = Sha256::new();
@@ -49,6 +49,21 @@ pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
     h.update(b"\n");
     h.update(&canonical);
     hex::encode(h.finalize())
+}
+
+/// The same JSON value with every object's keys in sorted order.
+fn sorted(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().collect())
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(sorted).collect())
+        }
+        other => other,
+    }
 }
 
 /// A saved outcome, replayed with `Idempotent-Replayed: true`.
