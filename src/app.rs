@@ -32,12 +32,7 @@ pub struct App {
 impl App {
     /// Connects to the database (and Redis when configured). Does not migrate.
     pub async fn open(settings: Settings) -> Result<App, AppError> {
-        let pool_size = if settings.database.is_embedded() {
-            8
-        } else {
-            64
-        };
-        let db = Db::connect(&settings.database, pool_size).await?;
+        let db = Db::connect(&settings.database, settings.db_max_connections).await?;
         let sessions = match &settings.redis_url {
             Some(url) => SessionStore::redis(url, settings.session_ttl)
                 .await

@@ -58,6 +58,7 @@ pub struct Layer {
     pub argon2_memory_kib: Option<u32>,
     pub argon2_iterations: Option<u32>,
     pub request_timeout_secs: Option<u64>,
+    pub db_max_connections: Option<u32>,
 }
 
 impl Layer {
@@ -81,6 +82,7 @@ impl Layer {
             argon2_memory_kib: other.argon2_memory_kib.or(self.argon2_memory_kib),
             argon2_iterations: other.argon2_iterations.or(self.argon2_iterations),
             request_timeout_secs: other.request_timeout_secs.or(self.request_timeout_secs),
+            db_max_connections: other.db_max_connections.or(self.db_max_connections),
         }
     }
 
@@ -150,6 +152,7 @@ impl Layer {
             argon2_memory_kib: num(&get, "COZY_ARGON2_MEMORY_KIB")?,
             argon2_iterations: num(&get, "COZY_ARGON2_ITERATIONS")?,
             request_timeout_secs: num(&get, "COZY_REQUEST_TIMEOUT_SECS")?,
+            db_max_connections: num(&get, "COZY_DB_MAX_CONNECTIONS")?,
         })
     }
 }
@@ -201,6 +204,10 @@ pub struct Settings {
     pub gateway_timeout: Duration,
     pub password_cost: PasswordCost,
     pub request_timeout: Duration,
+    /// Upper bound of the database connection pool of one process. Default: 8 for the embedded SQLite,
+    /// 64 for MySQL. Size it so that every process (hosts, `cozy sweep`, `cozy audit`) together stays under
+    /// the server's `max_connections` (151 on a stock MariaDB).
+    pub db_max_connections: u32,
     /// Where the settings came from, for `cozy serve` to log at start (PM2 lesson: say which config runs).
     pub sources: Vec<String>,
 }
@@ -288,6 +295,7 @@ impl Settings {
             });
         }
         let secs = Duration::from_secs;
+        let embedded = database.is_embedded();
         Ok(Settings {
             database,
             redis_url: l.redis_url,
@@ -306,6 +314,10 @@ impl Settings {
                 iterations: l.argon2_iterations.unwrap_or(2).max(1),
             },
             request_timeout: secs(l.request_timeout_secs.unwrap_or(30).max(1)),
+            db_max_connections: l
+                .db_max_connections
+                .unwrap_or(if embedded { 8 } else { 64 })
+                .max(1),
             sources,
         })
     }

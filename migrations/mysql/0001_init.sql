@@ -94,7 +94,7 @@ CREATE TABLE reservation_events (
   from_state VARCHAR(16) CHARACTER SET ascii NULL,
   to_state VARCHAR(16) CHARACTER SET ascii NOT NULL,
   at BIGINT NOT NULL,
-  cause VARCHAR(64) NOT NULL,
+  cause VARCHAR(255) NOT NULL,
   KEY reservation_events_reservation (reservation_id, id),
   CONSTRAINT reservation_events_reservation FOREIGN KEY (reservation_id) REFERENCES reservations (id),
   CONSTRAINT reservation_events_to CHECK (to_state IN ('RESERVED', 'PAID', 'CANCELLED', 'EXPIRED')),

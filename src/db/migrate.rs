@@ -207,22 +207,22 @@ impl<'a> Migrator<'a> {
         )
         .fetch_all(&mut *conn)
         .await?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
-                (
+                Ok((
                     r.get::<i64, _>(0),
                     Applied {
                         name: r.get(1),
                         checksum: r.get(2),
                         applied_at: r.get(3),
                         success: r.get::<i64, _>(4) != 0,
-                        failed_statement: r.get(5),
-                        error: r.get(6),
+                        // TEXT columns: MySQL hands them to the Any driver as BLOB.
+                        failed_statement: super::text_column(&r, 5)?,
+                        error: super::text_column(&r, 6)?,
                     },
-                )
+                ))
             })
-            .collect())
+            .collect()
     }
 
     /// Verifies what was applied: dirty rows and changed files are errors.

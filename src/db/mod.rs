@@ -202,6 +202,19 @@ where
     }
 }
 
+/// Reads a text column of an `Any` row, NULL as `None`. Through sqlx's Any driver MySQL reports TEXT and
+/// MEDIUMTEXT columns as BLOB, which it then refuses to decode as `String`; this accepts text and bytes.
+pub fn text_column(row: &sqlx::any::AnyRow, index: usize) -> Result<Option<String>, sqlx::Error> {
+    use sqlx::Row;
+    match row.try_get::<Option<String>, _>(index) {
+        Ok(text) => Ok(text),
+        Err(_) => row
+            .try_get::<Option<Vec<u8>>, _>(index)?
+            .map(|bytes| String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+            .transpose(),
+    }
+}
+
 /// Errors that can say whether rerunning the transaction may succeed.
 pub trait AsRetryable {
     fn is_retryable(&self) -> bool;

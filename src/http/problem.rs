@@ -74,6 +74,26 @@ impl Problem {
         )
     }
 
+    /// A database error: overload (pool exhausted, server out of connections) is a retryable 503, anything
+    /// else is a 500 logged with its cause.
+    pub fn from_sql(e: sqlx::Error) -> Self {
+        let overloaded = match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+            sqlx::Error::Database(d) => d
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .is_some_and(|m| matches!(m.number(), 1040 | 1203)),
+            _ => false,
+        };
+        if overloaded {
+            tracing::warn!(error = %e, "database overloaded");
+            let mut p = Problem::unavailable("the database is overloaded; retry shortly");
+            p.retry_after = Some(1);
+            p
+        } else {
+            Problem::internal(e)
+        }
+    }
+
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
@@ -169,7 +189,7 @@ impl From<ReservationError> for Problem {
                 "payment_unavailable",
                 format!("{m}; retrying is safe and never charges twice"),
             ),
-            ReservationError::Sql(e) => Problem::internal(e),
+            ReservationError::Sql(e) => Problem::from_sql(e),
         }
     }
 }
@@ -189,6 +209,7 @@ impl From<AccountError> for Problem {
                 "invalid_credentials",
                 "wrong email or password",
             ),
+            AccountError::Sql(e) => Problem::from_sql(e),
             other => Problem::internal(other),
         }
     }
@@ -211,7 +232,7 @@ impl From<IdempotencyError> for Problem {
                 p.retry_after = Some(retry_after_secs);
                 p
             }
-            IdempotencyError::Sql(e) => Problem::internal(e),
+            IdempotencyError::Sql(e) => Problem::from_sql(e),
         }
     }
 }

@@ -157,7 +157,8 @@ impl IdempotencyStore {
                 let code: i64 = row.get(2);
                 return Ok(Begin::Replay(Saved {
                     status: code as u16,
-                    body: row.get(3),
+                    // response_body is MEDIUMTEXT on MySQL: read it through text_column.
+                    body: crate::db::text_column(&row, 3)?.unwrap_or_default(),
                 }));
             }
             let locked_until: Millis = row.get(4);
@@ -213,13 +214,18 @@ impl IdempotencyStore {
         Ok(())
     }
 
-    /// Deletes finished keys created before `before`, in batches; returns how many went.
+    /// Deletes keys created before `before`, in batches; returns how many went. Finished keys go, and so do
+    /// keys abandoned while `running` (their owner crashed and nobody retried): their lease has run out.
+    /// A key still running under a live lease is kept.
     pub async fn purge(&self, before: Millis, dry_run: bool) -> Result<u64, sqlx::Error> {
+        let now = now_ms();
         if dry_run {
             let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM idempotency_keys WHERE created_at < ? AND status = 'done'",
+                "SELECT COUNT(*) FROM idempotency_keys WHERE created_at < ? \
+                 AND (status = 'done' OR locked_until < ?)",
             )
             .bind(before)
+            .bind(now)
             .fetch_one(self.db.pool())
             .await?;
             return Ok(n as u64);
@@ -228,19 +234,25 @@ impl IdempotencyStore {
         loop {
             // A subquery keeps each DELETE short, so sweeping never blocks the API for long.
             let keys = sqlx::query(
-                "SELECT user_id, idem_key FROM idempotency_keys WHERE created_at < ? AND status = 'done' LIMIT 500",
+                "SELECT user_id, idem_key FROM idempotency_keys WHERE created_at < ? \
+                 AND (status = 'done' OR locked_until < ?) LIMIT 500",
             )
             .bind(before)
+            .bind(now)
             .fetch_all(self.db.pool())
             .await?;
             if keys.is_empty() {
                 return Ok(total);
             }
             for k in keys {
-                let r = sqlx::query("DELETE FROM idempotency_keys WHERE user_id = ? AND idem_key = ? AND created_at < ?")
-                    .bind(k.get::<i64, _>(0))
-                    .bind(k.get::<String, _>(1))
-                    .bind(before)
+                let r = sqlx::query(
+                    "DELETE FROM idempotency_keys WHERE user_id = ? AND idem_key = ? AND created_at < ? \
+                     AND (status = 'done' OR locked_until < ?)",
+                )
+                .bind(k.get::<i64, _>(0))
+                .bind(k.get::<String, _>(1))
+                .bind(before)
+                .bind(now)
                     .execute(self.db.pool())
                     .await?;
                 total += r.rows_affected();

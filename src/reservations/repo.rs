@@ -586,6 +586,12 @@ impl Reservations {
                 done.emit();
                 Err(ReservationError::Expired)
             }
+            // Already written EXPIRED (by a read, a reservation or the sweep): the same answer as for an
+            // overdue hold nobody wrote yet (http-api.md: paying for an expired hold is 409 `expired`).
+            Err(Refusal::Invalid {
+                from: State::Expired,
+                ..
+            }) => Err(ReservationError::Expired),
             Err(refusal) => Err(refusal.into()),
         }
     }
@@ -742,7 +748,7 @@ impl Reservations {
         let cause = reason
             .map(|r| format!("cancelled: {r}"))
             .unwrap_or_else(|| "cancelled".into());
-        let cause: String = cause.chars().take(64).collect();
+        let cause: String = cause.chars().take(255).collect();
         record(
             &mut tx,
             &locked,

@@ -25,7 +25,8 @@ pub enum Backend {
 }
 
 pub fn mysql_base_url() -> String {
-    std::env::var("COZY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://cozy:cozy@127.0.0.1:3306".into())
+    std::env::var("COZY_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://cozy:cozy@127.0.0.1:3306".into())
 }
 
 pub fn redis_url() -> String {
@@ -81,11 +82,22 @@ impl TestDb {
             Backend::MySql => {
                 let name = format!("cozy_t_{}", random_suffix());
                 let base = mysql_base_url();
-                let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&format!("{base}/mysql"))
+                let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&format!(
+                    "{base}/mysql"
+                ))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("cannot reach MySQL at {base} ({e}); run scripts/test, which starts it")
+                });
+                sqlx::query(&format!("CREATE DATABASE `{name}`"))
+                    .execute(&mut conn)
                     .await
-                    .unwrap_or_else(|e| panic!("cannot reach MySQL at {base} ({e}); run scripts/test, which starts it"));
-                sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&mut conn).await.expect("create database");
-                TestDb { backend, url: format!("{base}/{name}"), mysql_name: Some(name) }
+                    .expect("create database");
+                TestDb {
+                    backend,
+                    url: format!("{base}/{name}"),
+                    mysql_name: Some(name),
+                }
             }
         }
     }
@@ -93,12 +105,19 @@ impl TestDb {
     /// A direct connection for assertions that look at the rows themselves.
     pub async fn pool(&self) -> sqlx::AnyPool {
         sqlx::any::install_default_drivers();
-        sqlx::any::AnyPoolOptions::new().max_connections(2).connect(&self.url).await.expect("connect to test db")
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .expect("connect to test db")
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {
         let pool = self.pool().await;
-        let v: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let v: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
         pool.close().await;
         v
     }
@@ -110,12 +129,19 @@ impl Drop for TestDb {
             let base = mysql_base_url();
             // Drop runs inside the test's runtime; use a thread with its own runtime.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
-                    if let Ok(mut conn) =
-                        <sqlx::MySqlConnection as sqlx::Connection>::connect(&format!("{base}/mysql")).await
+                    if let Ok(mut conn) = <sqlx::MySqlConnection as sqlx::Connection>::connect(
+                        &format!("{base}/mysql"),
+                    )
+                    .await
                     {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`")).execute(&mut conn).await;
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                            .execute(&mut conn)
+                            .await;
                     }
                 })
             })
@@ -127,7 +153,9 @@ impl Drop for TestDb {
 pub fn random_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..12).map(|_| char::from(b'a' + rng.gen_range(0..26))).collect()
+    (0..12)
+        .map(|_| char::from(b'a' + rng.gen_range(0..26)))
+        .collect()
 }
 
 /// The real server, running.
@@ -159,7 +187,9 @@ impl Resp {
     }
 
     pub fn id(&self) -> i64 {
-        self.body["id"].as_i64().unwrap_or_else(|| panic!("no id in {}", self.body))
+        self.body["id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no id in {}", self.body))
     }
 }
 
@@ -174,8 +204,14 @@ impl TestApp {
         let db = TestDb::create(backend, dir.path()).await;
         let mut env: Vec<(String, String)> = vec![
             ("COZY_DATABASE_URL".into(), db.url.clone()),
-            ("COZY_RUN_DIR".into(), dir.path().join("run").display().to_string()),
-            ("COZY_DATA_DIR".into(), dir.path().join("data").display().to_string()),
+            (
+                "COZY_RUN_DIR".into(),
+                dir.path().join("run").display().to_string(),
+            ),
+            (
+                "COZY_DATA_DIR".into(),
+                dir.path().join("data").display().to_string(),
+            ),
             // Cheap argon2id so tests that create many users stay fast; the algorithm is the real one.
             ("COZY_ARGON2_MEMORY_KIB".into(), "256".into()),
             ("COZY_ARGON2_ITERATIONS".into(), "1".into()),
@@ -189,11 +225,26 @@ impl TestApp {
             env.push((k.to_string(), v.to_string()));
         }
         let log = dir.path().join("server.log");
-        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        let mut app = TestApp { base: String::new(), db, dir, env, client, child: None, log };
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap();
+        let mut app = TestApp {
+            base: String::new(),
+            db,
+            dir,
+            env,
+            client,
+            child: None,
+            log,
+        };
         if backend == Backend::MySql {
             let out = app.cli(&["migrate", "up"], None);
-            assert!(out.status.success(), "migrate up: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "migrate up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         app.start().await;
         app
@@ -211,7 +262,11 @@ impl TestApp {
         if std::env::var_os("TEST_LOG").is_some() {
             cmd.stderr(Stdio::inherit());
         } else {
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
             cmd.stderr(Stdio::from(file));
         }
         let mut child = cmd.spawn().expect("spawn cozy serve");
@@ -256,16 +311,27 @@ impl TestApp {
     /// Runs a `cozy` CLI command with this app's environment.
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut cmd = Command::new(COZY);
-        cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
         cmd.current_dir(self.dir.path());
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn cozy");
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         child.wait_with_output().expect("cozy cli")
     }
@@ -274,7 +340,11 @@ impl TestApp {
     pub fn audit(&self) -> Value {
         let out = self.cli(&["audit", "--json"], None);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!("audit output: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "audit output: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
         })
     }
 
@@ -284,8 +354,17 @@ impl TestApp {
         report
     }
 
-    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, key: Option<&str>, body: Option<Value>) -> Resp {
-        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -300,21 +379,33 @@ impl TestApp {
         let headers = res.headers().clone();
         let bytes = res.bytes().await.unwrap_or_default();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Resp { status, headers, body }
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Resp {
-        self.request(Method::GET, path, Some(token), None, None).await
+        self.request(Method::GET, path, Some(token), None, None)
+            .await
     }
 
     pub async fn post(&self, path: &str, token: &str, key: &str, body: Value) -> Resp {
-        self.request(Method::POST, path, Some(token), Some(key), Some(body)).await
+        self.request(Method::POST, path, Some(token), Some(key), Some(body))
+            .await
     }
 
     /// Registers a user and logs in; returns the token.
     pub async fn user(&self, email: &str) -> String {
         let r = self
-            .request(Method::POST, "/v1/users", None, None, Some(json!({"email": email, "password": "correct horse"})))
+            .request(
+                Method::POST,
+                "/v1/users",
+                None,
+                None,
+                Some(json!({"email": email, "password": "correct horse"})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         self.login(email, "correct horse").await
@@ -322,7 +413,13 @@ impl TestApp {
 
     pub async fn login(&self, email: &str, password: &str) -> String {
         let r = self
-            .request(Method::POST, "/v1/sessions", None, None, Some(json!({"email": email, "password": password})))
+            .request(
+                Method::POST,
+                "/v1/sessions",
+                None,
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         r.body["token"].as_str().unwrap().to_string()
@@ -330,8 +427,21 @@ impl TestApp {
 
     /// Creates an admin through the CLI and logs in.
     pub async fn admin(&self) -> String {
-        let out = self.cli(&["users", "add", "admin@example.com", "--admin", "--password-stdin"], Some("admin password\n"));
-        assert!(out.status.success(), "users add: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self.cli(
+            &[
+                "users",
+                "add",
+                "admin@example.com",
+                "--admin",
+                "--password-stdin",
+            ],
+            Some("admin password\n"),
+        );
+        assert!(
+            out.status.success(),
+            "users add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.login("admin@example.com", "admin password").await
     }
 
@@ -353,18 +463,35 @@ impl TestApp {
     /// Reserves and asserts success; returns the reservation id.
     pub async fn reserve(&self, token: &str, resource: i64, quantity: i64) -> i64 {
         let r = self
-            .post("/v1/reservations", token, &random_suffix(), json!({"resource_id": resource, "quantity": quantity}))
+            .post(
+                "/v1/reservations",
+                token,
+                &random_suffix(),
+                json!({"resource_id": resource, "quantity": quantity}),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         r.id()
     }
 
     pub async fn pay(&self, token: &str, id: i64, method: &str, key: &str) -> Resp {
-        self.post(&format!("/v1/reservations/{id}/pay"), token, key, json!({"payment_method": method})).await
+        self.post(
+            &format!("/v1/reservations/{id}/pay"),
+            token,
+            key,
+            json!({"payment_method": method}),
+        )
+        .await
     }
 
     pub async fn cancel(&self, token: &str, id: i64, key: &str) -> Resp {
-        self.post(&format!("/v1/reservations/{id}/cancel"), token, key, json!({})).await
+        self.post(
+            &format!("/v1/reservations/{id}/cancel"),
+            token,
+            key,
+            json!({}),
+        )
+        .await
     }
 
     /// Rows in the sandbox gateway's ledger (charges it made, refunded or not).
@@ -394,4 +521,79 @@ pub fn tally<I: IntoIterator<Item = String>>(items: I) -> HashMap<String, usize>
         *m.entry(i).or_insert(0) += 1;
     }
     m
+}
+
+/// One HTTP request against `base`, handing back transport errors (refused, reset by a killed server)
+/// instead of panicking; for clients that must survive a crash of the server.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_request(
+    client: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> Result<Resp, reqwest::Error> {
+    let mut req = client
+        .request(method, format!("{base}{path}"))
+        .timeout(Duration::from_secs(20));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await?;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.bytes().await?;
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+impl TestApp {
+    /// A `cozy` CLI command with this app's environment plus `extra` variables, not started yet (spawn
+    /// several to run them at the same time).
+    pub fn cli_command(&self, args: &[&str], extra: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(COZY);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.env {
+            if !extra.iter().any(|(key, _)| key == k) {
+                cmd.env(k, v);
+            }
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.current_dir(self.dir.path());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs a `cozy` CLI command with this app's environment plus `extra` variables.
+    pub fn cli_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        self.cli_command(args, extra).output().expect("cozy cli")
+    }
+}
+
+/// Environment for a server that takes many concurrent requests: on MySQL its pool is bounded so that
+/// several such servers side by side (nextest runs 4 tests at once) stay under MariaDB's default
+/// `max_connections` of 151; SQLite keeps its default.
+pub fn busy_pool(backend: Backend) -> (&'static str, &'static str) {
+    match backend {
+        Backend::MySql => ("COZY_DB_MAX_CONNECTIONS", "24"),
+        Backend::Sqlite => ("COZY_DB_MAX_CONNECTIONS", "8"),
+    }
 }
