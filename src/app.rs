@@ -27,6 +27,8 @@ pub struct App {
     pub sessions: SessionStore,
     pub reservations: Reservations,
     pub idempotency: IdempotencyStore,
+    /// The line to the cluster master when this process is a worker.
+    pub cluster: Option<Arc<crate::cluster::worker::Link>>,
 }
 
 impl App {
@@ -48,6 +50,7 @@ impl App {
             reservations: Reservations::new(db.clone(), gateway, settings.gateway_timeout),
             idempotency: IdempotencyStore::new(db.clone(), settings.idempotency_lease),
             sessions,
+            cluster: None,
             db,
             settings: Arc::new(settings),
         })

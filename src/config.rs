@@ -59,6 +59,12 @@ pub struct Layer {
     pub argon2_iterations: Option<u32>,
     pub request_timeout_secs: Option<u64>,
     pub db_max_connections: Option<u32>,
+    pub drain_timeout_secs: Option<u64>,
+    pub ready_timeout_secs: Option<u64>,
+    pub crash_limit: Option<u32>,
+    pub crash_window_secs: Option<u64>,
+    pub healthy_after_secs: Option<u64>,
+    pub max_memory: Option<String>,
 }
 
 impl Layer {
@@ -83,6 +89,12 @@ impl Layer {
             argon2_iterations: other.argon2_iterations.or(self.argon2_iterations),
             request_timeout_secs: other.request_timeout_secs.or(self.request_timeout_secs),
             db_max_connections: other.db_max_connections.or(self.db_max_connections),
+            drain_timeout_secs: other.drain_timeout_secs.or(self.drain_timeout_secs),
+            ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
+            crash_limit: other.crash_limit.or(self.crash_limit),
+            crash_window_secs: other.crash_window_secs.or(self.crash_window_secs),
+            healthy_after_secs: other.healthy_after_secs.or(self.healthy_after_secs),
+            max_memory: other.max_memory.or(self.max_memory),
         }
     }
 
@@ -153,6 +165,12 @@ impl Layer {
             argon2_iterations: num(&get, "COZY_ARGON2_ITERATIONS")?,
             request_timeout_secs: num(&get, "COZY_REQUEST_TIMEOUT_SECS")?,
             db_max_connections: num(&get, "COZY_DB_MAX_CONNECTIONS")?,
+            drain_timeout_secs: num(&get, "COZY_DRAIN_TIMEOUT_SECS")?,
+            ready_timeout_secs: num(&get, "COZY_READY_TIMEOUT_SECS")?,
+            crash_limit: num(&get, "COZY_CRASH_LIMIT")?,
+            crash_window_secs: num(&get, "COZY_CRASH_WINDOW_SECS")?,
+            healthy_after_secs: num(&get, "COZY_HEALTHY_AFTER_SECS")?,
+            max_memory: get("COZY_MAX_MEMORY").filter(|s| !s.is_empty()),
         })
     }
 }
@@ -197,6 +215,20 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub log_format: Option<LogFormat>,
     pub workers: usize,
+    /// `workers` was configured (flag, environment or file): `cozy serve` runs the supervised cluster
+    /// (a master and that many worker processes) instead of one unsupervised process.
+    pub supervised: bool,
+    /// How long a stopping or replaced worker may take to finish its in-flight requests.
+    pub drain_timeout: Duration,
+    /// How long a new worker may take to report ready before a reload gives up on it.
+    pub ready_timeout: Duration,
+    /// Crash loop: this many worker crashes within `crash_window` make the master give up (exit 1).
+    pub crash_limit: u32,
+    pub crash_window: Duration,
+    /// A worker up this long has its restart backoff reset.
+    pub healthy_after: Duration,
+    /// A worker whose resident memory exceeds this is replaced through the rolling path.
+    pub max_memory: Option<u64>,
     pub session_ttl: Duration,
     pub idempotency_retention: Duration,
     pub idempotency_lease: Duration,
@@ -287,7 +319,24 @@ impl Settings {
                 "invalid socket address {listen_text:?} (expected e.g. 127.0.0.1:8080)"
             ),
         })?;
+        let supervised = l.workers.is_some();
         let workers = l.workers.unwrap_or(1);
+        let max_memory = match &l.max_memory {
+            None => None,
+            Some(text) => Some(crate::cluster::size::parse_size(text).map_err(|message| {
+                ConfigError::Value {
+                    source_name: "max_memory".into(),
+                    message,
+                }
+            })?),
+        };
+        let crash_limit = l.crash_limit.unwrap_or(10);
+        if crash_limit == 0 {
+            return Err(ConfigError::Value {
+                source_name: "crash_limit".into(),
+                message: "must be at least 1".into(),
+            });
+        }
         if workers == 0 {
             return Err(ConfigError::Value {
                 source_name: "workers".into(),
@@ -304,6 +353,13 @@ impl Settings {
             data_dir,
             log_format: l.log_format,
             workers,
+            supervised,
+            drain_timeout: secs(l.drain_timeout_secs.unwrap_or(30).max(1)),
+            ready_timeout: secs(l.ready_timeout_secs.unwrap_or(30).max(1)),
+            crash_limit,
+            crash_window: secs(l.crash_window_secs.unwrap_or(60).max(1)),
+            healthy_after: secs(l.healthy_after_secs.unwrap_or(30)),
+            max_memory,
             session_ttl: secs(l.session_ttl_secs.unwrap_or(24 * 3600).max(1)),
             idempotency_retention: secs(l.idempotency_retention_secs.unwrap_or(24 * 3600)),
             idempotency_lease: secs(l.idempotency_lease_secs.unwrap_or(60).max(1)),

@@ -9,7 +9,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `verbosity` is -1 (quiet), 0 (default) or higher (-v, -vv).
-pub fn init(format: Option<LogFormat>, verbosity: i8, daemon: bool) {
+/// Returns the format chosen, which the cluster master hands on to its workers.
+pub fn init(format: Option<LogFormat>, verbosity: i8, daemon: bool) -> LogFormat {
     let default_level = match verbosity {
         i8::MIN..=-1 => "error",
         0 if daemon => "info",
@@ -37,4 +38,5 @@ pub fn init(format: Option<LogFormat>, verbosity: i8, daemon: bool) {
             .try_init(),
         LogFormat::Pretty => builder.with_ansi(terminal).with_target(false).try_init(),
     };
+    format
 }

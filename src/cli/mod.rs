@@ -4,6 +4,7 @@
 //! prints them and exits 1. Usage errors are clap's (exit 2).
 
 pub mod admin;
+pub mod cluster;
 pub mod migrate;
 pub mod serve;
 
@@ -21,6 +22,9 @@ Examples:
   echo \"$ADMIN_PASSWORD\" | cozy users add admin@example.com --admin --password-stdin
   cozy audit --json
   cozy sweep --dry-run
+  COZY_REDIS_URL=redis://127.0.0.1 cozy serve --workers 4 --max-memory 512M   # supervised cluster
+  cozy status                                  # the cluster's workers, like `pm2 ls`
+  cozy reload                                  # rolling restart, zero dropped requests
 
 Configuration: flags > environment (COZY_DATABASE_URL, COZY_REDIS_URL, COZY_LISTEN, COZY_RUN_DIR,
 COZY_DATA_DIR, ...) > cozy.yaml (or --config FILE) > defaults.";
@@ -58,6 +62,12 @@ pub enum Command {
     Audit(admin::AuditArgs),
     /// Expire overdue holds, retry refunds, purge old idempotency keys and sessions.
     Sweep(admin::SweepArgs),
+    /// Show the workers of the running cluster (id, pid, state, uptime, restarts, CPU, memory, …).
+    Status(cluster::StatusArgs),
+    /// Rolling restart of the running cluster from the binary on disk; exits 0 once every worker is new.
+    Reload,
+    /// Stop the running cluster gracefully; exits 0 once every process is gone.
+    Stop,
 }
 
 /// Database flags shared by commands that open the database.
@@ -87,6 +97,7 @@ impl Cli {
             Command::Serve(a) => {
                 flags.listen = a.listen.clone();
                 flags.workers = a.workers;
+                flags.max_memory = a.max_memory.clone();
                 flags.database_url = a.db.database_url.clone();
             }
             Command::Migrate(m) => flags.database_url = m.db().database_url.clone(),
@@ -95,6 +106,7 @@ impl Cli {
             }
             Command::Audit(a) => flags.database_url = a.db.database_url.clone(),
             Command::Sweep(a) => flags.database_url = a.db.database_url.clone(),
+            Command::Status(_) | Command::Reload | Command::Stop => {}
         }
         Ok(Settings::load(self.config.as_deref(), flags)?)
     }
@@ -104,7 +116,7 @@ impl Cli {
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let daemon = matches!(cli.command, Command::Serve(_));
     let settings = cli.settings();
-    crate::telemetry::init(
+    let log_format = crate::telemetry::init(
         settings
             .as_ref()
             .ok()
@@ -115,10 +127,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     );
     let settings = settings?;
     match cli.command {
-        Command::Serve(args) => serve::run(settings, args).await,
+        Command::Serve(args) => serve::run(settings, args, log_format).await,
         Command::Migrate(cmd) => migrate::run(settings, cmd).await,
         Command::Users(cmd) => admin::users(settings, cmd).await,
         Command::Audit(args) => admin::audit(settings, args).await,
         Command::Sweep(args) => admin::sweep(settings, args).await,
+        Command::Status(args) => cluster::status(settings, args).await,
+        Command::Reload => cluster::reload(settings).await,
+        Command::Stop => cluster::stop(settings).await,
     }
 }

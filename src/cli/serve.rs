@@ -1,7 +1,14 @@
 //! `cozy serve`: open the database, migrate when allowed, listen, serve until SIGTERM/SIGINT.
+//!
+//! Three roles share this entry point:
+//! - without `--workers` (and no `workers` setting): one unsupervised process, as in development;
+//! - with `--workers N`: the cluster master ([`crate::cluster::master`]), which starts N workers;
+//! - with `COZY_WORKER_ID` set by a master: one worker of the cluster.
 
 use std::io::Write;
 use std::sync::Arc;
+
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -9,17 +16,25 @@ use tokio::net::TcpListener;
 
 use super::DbArgs;
 use crate::app::App;
-use crate::config::{redact, Settings};
+use crate::cluster::master::{self, Launch};
+use crate::cluster::protocol::ToMaster;
+use crate::cluster::worker::WorkerEnv;
+use crate::config::{redact, LogFormat, Settings};
 use crate::db::migrate::Migrator;
+use crate::http::server::{self, DrainPolicy, ServerStats};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:8080; port 0 picks a free one).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Worker processes. More than one needs Redis (COZY_REDIS_URL) for the realtime bus.
+    /// Run a supervised cluster of N worker processes behind one listening socket (crash restarts,
+    /// `cozy reload`, `cozy status`). More than one needs Redis (COZY_REDIS_URL) for the realtime bus.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Replace a worker (rolling, no dropped requests) when its resident memory exceeds SIZE, e.g. 512M.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
     /// Apply pending migrations before serving (always done on the embedded SQLite).
     #[arg(long)]
     pub migrate: bool,
@@ -27,20 +42,19 @@ pub struct ServeArgs {
     pub db: DbArgs,
 }
 
-pub async fn run(settings: Settings, args: ServeArgs) -> anyhow::Result<u8> {
-    if settings.workers > 1 {
-        if settings.redis_url.is_none() {
-            bail!(
-                "--workers {} needs Redis: workers share sessions and the realtime bus through it. \
-                 Set COZY_REDIS_URL=redis://HOST:6379 (or redis_url in cozy.yaml), or run with --workers 1",
-                settings.workers
-            );
-        }
-        bail!(
-            "--workers {}: the supervised multi-process cluster is not available in this build yet; \
-             run --workers 1 (one process uses every core through its async runtime)",
-            settings.workers
-        );
+pub async fn run(settings: Settings, args: ServeArgs, log_format: LogFormat) -> anyhow::Result<u8> {
+    if let Some(worker) = WorkerEnv::detect() {
+        return run_worker(settings, args, worker).await;
+    }
+    if settings.supervised {
+        let exe = std::env::current_exe().context("cannot find the path of the cozy binary")?;
+        return master::run(Launch {
+            settings,
+            log_format,
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+        })
+        .await;
     }
     crate::http::routes::ops::install_metrics();
     let app = App::open(settings).await?;
@@ -64,8 +78,80 @@ pub async fn run(settings: Settings, args: ServeArgs) -> anyhow::Result<u8> {
     println!("cozy listening on http://{addr}");
     let _ = std::io::stdout().flush();
     let app = Arc::new(app);
-    crate::http::serve(listener, app.clone(), shutdown_signal()).await?;
+    let policy = drain_policy(&app.settings);
+    server::serve(
+        listener,
+        crate::http::router(app.clone()),
+        shutdown_signal(),
+        policy,
+        ServerStats::new(),
+    )
+    .await?;
     tracing::info!("stopped");
+    app.db.close().await;
+    Ok(0)
+}
+
+fn drain_policy(settings: &Settings) -> DrainPolicy {
+    DrainPolicy {
+        timeout: settings.drain_timeout,
+        ..DrainPolicy::default()
+    }
+}
+
+/// One worker of the cluster: the inherited socket, ready once the database answers, counters to the master.
+async fn run_worker(settings: Settings, args: ServeArgs, worker: WorkerEnv) -> anyhow::Result<u8> {
+    crate::http::routes::ops::install_metrics();
+    let (link, master_gone) = worker.link()?;
+    let listener = worker.listener()?;
+    let mut app = App::open(settings).await?;
+    prepare_schema(&app, args.migrate).await?;
+    app.db
+        .ping()
+        .await
+        .context("the database does not answer")?;
+    app.sessions
+        .ping()
+        .await
+        .map_err(|e| anyhow::anyhow!("{} does not answer: {e}", app.sessions.kind()))?;
+    app.cluster = Some(link.clone());
+    let app = Arc::new(app);
+    let stats = ServerStats::new();
+    let push_stats = {
+        let (link, stats) = (link.clone(), stats.clone());
+        move || {
+            link.send(ToMaster::Stats {
+                connections: stats.connections(),
+                requests: stats.requests(),
+                metrics: crate::http::routes::ops::render_local(),
+            })
+        }
+    };
+    push_stats();
+    link.send(ToMaster::Ready);
+    tracing::info!(pid = std::process::id(), "worker ready");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            push_stats();
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = master_gone.wait() => tracing::warn!("the master is gone: draining"),
+        }
+    };
+    let policy = drain_policy(&app.settings);
+    server::serve(
+        listener,
+        crate::http::router(app.clone()),
+        shutdown,
+        policy,
+        stats,
+    )
+    .await?;
     app.db.close().await;
     Ok(0)
 }

@@ -1,6 +1,7 @@
 //! Operations endpoints: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -53,12 +54,7 @@ pub fn install_metrics() {
         "cozy_websocket_connections",
         "Open realtime WebSocket connections"
     );
-    metrics::describe_counter!(
-        "cozy_worker_restarts_total",
-        "Worker processes restarted by the supervisor"
-    );
     metrics::counter!("cozy_idempotent_replays_total").absolute(0);
-    metrics::counter!("cozy_worker_restarts_total").absolute(0);
     metrics::gauge!("cozy_websocket_connections").set(0.0);
 }
 
@@ -89,11 +85,22 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
-pub async fn metrics() -> Response {
-    let body = PROMETHEUS
+/// This process's own exposition.
+pub fn render_local() -> String {
+    PROMETHEUS
         .get()
         .map(PrometheusHandle::render)
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// In a cluster the master assembles every worker's series (labelled `worker`) into one scrape; a master
+/// that does not answer within 2 s leaves this worker's own series.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let cluster = match &app.cluster {
+        Some(link) => link.cluster_metrics(Duration::from_secs(2)).await,
+        None => None,
+    };
+    let body = cluster.unwrap_or_else(render_local);
     (
         [(
             header::CONTENT_TYPE,
