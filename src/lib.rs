@@ -19,6 +19,7 @@
 pub mod accounts;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod http;
