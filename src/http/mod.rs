@@ -4,12 +4,14 @@
 //! - [`extract`]: auth, bodies, ids and headers, rejecting bad input with the field at fault.
 //! - [`idempotent`]: the `Idempotency-Key` wrapper around effectful handlers.
 //! - [`routes`]: one file per area of the API.
+//! - [`server`]: the accept loop and its graceful drain (keep-alive clients are handed over, not dropped).
 //! - [`telemetry`]: per-route request counts and latency histograms for `/metrics`.
 
 pub mod extract;
 pub mod idempotent;
 pub mod problem;
 pub mod routes;
+pub mod server;
 pub mod telemetry;
 
 use std::future::Future;
@@ -97,13 +99,19 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves `app` on `listener` until `shutdown` resolves, then drains with the default
+/// [`server::DrainPolicy`]: in-flight requests finish, keep-alive clients are told to close.
 pub async fn serve(
     listener: TcpListener,
     app: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(
+        listener,
+        router(app),
+        shutdown,
+        server::DrainPolicy::default(),
+        server::ServerStats::new(),
+    )
+    .await
 }
