@@ -56,8 +56,9 @@ impl Dialect {
 /// Errors of the data layer that callers act on.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot open the database {target}: {source}")]
-    Connect { target: String, source: sqlx::Error },
+    // `cause`, not `source`: the message already carries it, and a source would print it again.
+    #[error("cannot open the database {target}: {cause}")]
+    Connect { target: String, cause: sqlx::Error },
     #[error("cannot create {path}: {source}")]
     DataDir {
         path: String,
@@ -90,6 +91,25 @@ impl Db {
             }
             DatabaseTarget::MySql(_) => Backend::MySql,
         };
+        // One plain connection first: the pool retries failed connects until its acquire timeout and then
+        // reports only "pool timed out", while this says at once what is wrong (refused, bad password, …).
+        let probe = tokio::time::timeout(
+            Duration::from_secs(10),
+            <sqlx::AnyConnection as sqlx::Connection>::connect(&target.url()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        match probe {
+            Ok(conn) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            Err(source) => {
+                return Err(DbError::Connect {
+                    target: crate::config::redact(&target.url()),
+                    cause: source,
+                })
+            }
+        }
         let options = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -115,9 +135,9 @@ impl Db {
         let pool = options
             .connect(&target.url())
             .await
-            .map_err(|source| DbError::Connect {
+            .map_err(|cause| DbError::Connect {
                 target: crate::config::redact(&target.url()),
-                source,
+                cause,
             })?;
         Ok(Db { pool, backend })
     }
