@@ -200,6 +200,17 @@ impl TestApp {
 
     /// Starts the server with extra environment variables (e.g. a slow gateway).
     pub async fn spawn_with(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
+        let mut app = Self::prepare(backend, extra).await;
+        if backend == Backend::MySql {
+            app.migrate();
+        }
+        app.start().await;
+        app
+    }
+
+    /// Everything but the server: a temp dir, a fresh database (not migrated), the environment with
+    /// `extra` applied, and a client. For tests that start the binary their own way (the cluster).
+    pub async fn prepare(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = TestDb::create(backend, dir.path()).await;
         let mut env: Vec<(String, String)> = vec![
@@ -229,7 +240,7 @@ impl TestApp {
             .pool_max_idle_per_host(64)
             .build()
             .unwrap();
-        let mut app = TestApp {
+        TestApp {
             base: String::new(),
             db,
             dir,
@@ -237,17 +248,22 @@ impl TestApp {
             client,
             child: None,
             log,
-        };
-        if backend == Backend::MySql {
-            let out = app.cli(&["migrate", "up"], None);
-            assert!(
-                out.status.success(),
-                "migrate up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
         }
-        app.start().await;
-        app
+    }
+
+    /// `cozy migrate up`, asserting success.
+    pub fn migrate(&self) {
+        let out = self.cli(&["migrate", "up"], None);
+        assert!(
+            out.status.success(),
+            "migrate up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The file the server's stderr goes to (what [`TestApp::logs`] reads and a failing test prints).
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     /// Starts (or restarts) the server process and waits until it listens.

@@ -5,6 +5,7 @@ mod helpers;
 
 mod accounts;
 mod cli;
+mod cluster;
 mod concurrency;
 mod crash;
 mod expiry;
