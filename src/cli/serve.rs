@@ -102,6 +102,11 @@ fn drain_policy(settings: &Settings) -> DrainPolicy {
 /// One worker of the cluster: the inherited socket, ready once the database answers, counters to the master.
 async fn run_worker(settings: Settings, args: ServeArgs, worker: WorkerEnv) -> anyhow::Result<u8> {
     crate::http::routes::ops::install_metrics();
+    // A hangup sent to the whole process group (a closing terminal) is the master's business (reload);
+    // without a handler its default action would kill the worker.
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move { while hup.recv().await.is_some() {} });
+    }
     let (link, master_gone) = worker.link()?;
     let listener = worker.listener()?;
     let mut app = App::open(settings).await?;

@@ -520,12 +520,15 @@ impl Cluster {
     /// Restarts the slot of a crashed process with backoff, or declares a crash loop.
     async fn crashed(self: Arc<Self>, w: Arc<Worker>, status: String) {
         let slot = &self.slots[w.slot];
-        if self.record_crash(slot.id, &status) {
-            return;
-        }
         let _guard = slot.lock.lock().await;
         if slot.current().map(|c| c.seq) != Some(w.seq) {
-            return; // it was being replaced, or already has been
+            // A replacement that never took over (`replace` reports it; the old process keeps serving),
+            // or a process already replaced. Not a crash of the slot's worker: counting it would turn a
+            // few failed reloads into a "crash loop" that takes the healthy workers down.
+            return;
+        }
+        if self.record_crash(slot.id, &status) {
+            return;
         }
         let healthy = *w.ready.borrow() && w.started.elapsed() >= self.settings.healthy_after;
         let mut consecutive = if healthy {
