@@ -65,6 +65,11 @@ pub struct Layer {
     pub crash_window_secs: Option<u64>,
     pub healthy_after_secs: Option<u64>,
     pub max_memory: Option<String>,
+    pub realtime_history_count: Option<u64>,
+    pub realtime_history_secs: Option<u64>,
+    pub realtime_heartbeat_ms: Option<u64>,
+    pub realtime_queue_frames: Option<usize>,
+    pub realtime_presence_ttl_secs: Option<u64>,
 }
 
 impl Layer {
@@ -95,6 +100,13 @@ impl Layer {
             crash_window_secs: other.crash_window_secs.or(self.crash_window_secs),
             healthy_after_secs: other.healthy_after_secs.or(self.healthy_after_secs),
             max_memory: other.max_memory.or(self.max_memory),
+            realtime_history_count: other.realtime_history_count.or(self.realtime_history_count),
+            realtime_history_secs: other.realtime_history_secs.or(self.realtime_history_secs),
+            realtime_heartbeat_ms: other.realtime_heartbeat_ms.or(self.realtime_heartbeat_ms),
+            realtime_queue_frames: other.realtime_queue_frames.or(self.realtime_queue_frames),
+            realtime_presence_ttl_secs: other
+                .realtime_presence_ttl_secs
+                .or(self.realtime_presence_ttl_secs),
         }
     }
 
@@ -171,6 +183,11 @@ impl Layer {
             crash_window_secs: num(&get, "COZY_CRASH_WINDOW_SECS")?,
             healthy_after_secs: num(&get, "COZY_HEALTHY_AFTER_SECS")?,
             max_memory: get("COZY_MAX_MEMORY").filter(|s| !s.is_empty()),
+            realtime_history_count: num(&get, "COZY_REALTIME_HISTORY_COUNT")?,
+            realtime_history_secs: num(&get, "COZY_REALTIME_HISTORY_SECS")?,
+            realtime_heartbeat_ms: num(&get, "COZY_REALTIME_HEARTBEAT_MS")?,
+            realtime_queue_frames: num(&get, "COZY_REALTIME_QUEUE_FRAMES")?,
+            realtime_presence_ttl_secs: num(&get, "COZY_REALTIME_PRESENCE_TTL_SECS")?,
         })
     }
 }
@@ -229,6 +246,17 @@ pub struct Settings {
     pub healthy_after: Duration,
     /// A worker whose resident memory exceeds this is replaced through the rolling path.
     pub max_memory: Option<u64>,
+    /// Realtime history kept per room: a message goes once it is older than `realtime_history_age`
+    /// AND more than `realtime_history_count` messages behind the room's head.
+    pub realtime_history_count: u64,
+    pub realtime_history_age: Duration,
+    /// WebSocket ping interval; a client that answers none for two intervals is dropped.
+    pub realtime_heartbeat: Duration,
+    /// Outbound frames queued per connection before it is closed as a slow consumer (4009).
+    pub realtime_queue_frames: usize,
+    /// A connection's presence entry lives this long without a refresh (bounds how long a killed
+    /// worker's connections stay present).
+    pub realtime_presence_ttl: Duration,
     pub session_ttl: Duration,
     pub idempotency_retention: Duration,
     pub idempotency_lease: Duration,
@@ -360,6 +388,13 @@ impl Settings {
             crash_window: secs(l.crash_window_secs.unwrap_or(60).max(1)),
             healthy_after: secs(l.healthy_after_secs.unwrap_or(30)),
             max_memory,
+            realtime_history_count: l.realtime_history_count.unwrap_or(1000),
+            realtime_history_age: secs(l.realtime_history_secs.unwrap_or(24 * 3600)),
+            realtime_heartbeat: Duration::from_millis(
+                l.realtime_heartbeat_ms.unwrap_or(25_000).max(100),
+            ),
+            realtime_queue_frames: l.realtime_queue_frames.unwrap_or(1024).max(8),
+            realtime_presence_ttl: secs(l.realtime_presence_ttl_secs.unwrap_or(15).max(2)),
             session_ttl: secs(l.session_ttl_secs.unwrap_or(24 * 3600).max(1)),
             idempotency_retention: secs(l.idempotency_retention_secs.unwrap_or(24 * 3600)),
             idempotency_lease: secs(l.idempotency_lease_secs.unwrap_or(60).max(1)),

@@ -14,6 +14,8 @@
 //! - [`sessions`] and [`accounts`] are authentication: users with argon2id passwords, bearer-token sessions in
 //!   Redis or the database.
 //! - [`http`] is the axum router: handlers, problem+json errors, auth, metrics, OpenAPI.
+//! - [`realtime`] is the WebSocket hub: rooms, sequenced history, presence, cross-worker fan-out.
+//! - [`cluster`] is the supervised process cluster: the master and its workers.
 //! - [`cli`] is the clap command line; `src/bin/cozy.rs` only parses it and maps errors to exit codes.
 
 pub mod accounts;
@@ -26,6 +28,7 @@ pub mod http;
 pub mod idempotency;
 pub mod outbox;
 pub mod payments;
+pub mod realtime;
 pub mod reservations;
 pub mod sessions;
 pub mod telemetry;
