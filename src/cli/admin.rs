@@ -9,6 +9,7 @@ use super::DbArgs;
 use crate::accounts::Role;
 use crate::app::App;
 use crate::config::Settings;
+use crate::realtime::store::Store;
 use crate::reservations::audit::audit as run_audit;
 use crate::reservations::sweep::Sweeper;
 
@@ -134,9 +135,11 @@ pub async fn sweep(settings: Settings, args: SweepArgs) -> anyhow::Result<u8> {
     }
     let retention_ms = settings.idempotency_retention.as_millis() as i64;
     let app = open(settings).await?;
+    let history = Store::from_settings(app.db.clone(), &app.settings);
     let sweeper = Sweeper {
         reservations: &app.reservations,
         idempotency: &app.idempotency,
+        history: &history,
         idempotency_retention_ms: retention_ms,
         batch: args.batch,
     };
@@ -160,6 +163,7 @@ pub async fn sweep(settings: Settings, args: SweepArgs) -> anyhow::Result<u8> {
             report.idempotency_keys_purged
         );
         println!("sessions purged: {}", report.sessions_purged);
+        println!("realtime messages purged: {}", report.messages_purged);
     }
     app.db.close().await;
     Ok(0)

@@ -25,7 +25,7 @@ use sqlx::{Any, Row, Transaction};
 
 use super::model::{NewResource, Payment, Reservation, Resource, Transition};
 use super::state::{self, Command, Refusal, State};
-use crate::db::{with_retry, AsRetryable, Db};
+use crate::db::{with_retry, AsRetryable, Db, Dialect};
 use crate::idempotency::{complete_in, Saved, Ticket};
 use crate::outbox::{self, ReservationEvent};
 use crate::payments::{charge_key, ChargeRequest, Gateway, GatewayError};
@@ -67,9 +67,31 @@ impl From<Refusal> for ReservationError {
 
 type Result<T, E = ReservationError> = std::result::Result<T, E>;
 
-const RESERVATION_SELECT: &str = "SELECT r.id, r.resource_id, r.user_id, r.quantity, r.state, r.amount_cents, \
-     r.currency, r.expires_at, r.created_at, r.updated_at, c.id, c.amount_cents, c.currency, c.provider_ref, \
-     c.captured_at, c.refunded_at FROM reservations r LEFT JOIN charges c ON c.reservation_id = r.id";
+/// The columns [`reservation_from_row`] reads, in order, from `reservations r LEFT JOIN charges c`.
+macro_rules! reservation_columns {
+    () => {
+        "r.id, r.resource_id, r.user_id, r.quantity, r.state, r.amount_cents, r.currency, r.expires_at, \
+         r.created_at, r.updated_at, c.id, c.amount_cents, c.currency, c.provider_ref, c.captured_at, \
+         c.refunded_at"
+    };
+}
+
+const RESERVATION_SELECT: &str = concat!(
+    "SELECT ",
+    reservation_columns!(),
+    " FROM reservations r LEFT JOIN charges c ON c.reservation_id = r.id"
+);
+
+/// `available` of the resource aliased `res`: capacity − (held − overdue holds not yet written as
+/// EXPIRED). `held` already counts PAID and RESERVED, so only the overdue part is subtracted back. Binds
+/// one parameter: now.
+fn available_sql(dialect: Dialect, res: &str) -> String {
+    let overdue = dialect.int(&format!(
+        "COALESCE((SELECT SUM(x.quantity) FROM reservations x WHERE x.resource_id = {res}.id \
+         AND x.state = 'RESERVED' AND x.expires_at <= ?), 0)"
+    ));
+    format!("{res}.capacity - ({res}.held - {overdue})")
+}
 
 fn reservation_from_row(row: &AnyRow) -> Reservation {
     let state_text: String = row.get(4);
@@ -172,15 +194,10 @@ impl Reservations {
     }
 
     fn resource_select(&self) -> String {
-        // available = capacity − (held − overdue holds not yet written as EXPIRED); held already counts
-        // PAID and RESERVED, so only the overdue part is subtracted back.
-        let overdue = self.db.dialect().int(
-            "COALESCE((SELECT SUM(x.quantity) FROM reservations x WHERE x.resource_id = r.id \
-             AND x.state = 'RESERVED' AND x.expires_at <= ?), 0)",
-        );
+        let available = available_sql(self.db.dialect(), "r");
         format!(
-            "SELECT r.id, r.name, r.capacity, r.capacity - (r.held - {overdue}), r.price_cents, r.currency, \
-             r.hold_seconds FROM resources r"
+            "SELECT r.id, r.name, r.capacity, {available}, r.price_cents, r.currency, r.hold_seconds \
+             FROM resources r"
         )
     }
 
@@ -332,10 +349,11 @@ impl Reservations {
             state: State::Reserved,
             expires_at,
             amount_cents: amount,
-            currency: currency.clone(),
+            currency,
         };
-        record(
+        let reservation = record(
             &mut tx,
+            self.db.dialect(),
             &locked,
             None,
             State::Reserved,
@@ -344,19 +362,6 @@ impl Reservations {
             &mut done,
         )
         .await?;
-        let reservation = Reservation {
-            id,
-            resource_id,
-            user_id,
-            quantity,
-            state: State::Reserved,
-            amount_cents: amount,
-            currency,
-            expires_at,
-            created_at: now,
-            updated_at: now,
-            payment: None,
-        };
         save_in_tx(&mut tx, ticket, 201, &reservation).await?;
         tx.commit().await?;
         done.emit();
@@ -387,7 +392,7 @@ impl Reservations {
             }
             for row in &rows {
                 let locked = locked_from_row(row);
-                expire_locked(tx, &locked, now, "expired", done).await?;
+                expire_locked(tx, self.db.dialect(), &locked, now, "expired", done).await?;
             }
         }
     }
@@ -490,7 +495,8 @@ impl Reservations {
         let Some(locked) = self.lock(&mut tx, user_id, id).await? else {
             return Ok(false);
         };
-        let changed = expire_locked(&mut tx, &locked, now, cause, &mut done).await?;
+        let changed =
+            expire_locked(&mut tx, self.db.dialect(), &locked, now, cause, &mut done).await?;
         tx.commit().await?;
         done.emit();
         Ok(changed)
@@ -581,7 +587,15 @@ impl Reservations {
                 Ok(locked)
             }
             Err(Refusal::Expired) => {
-                expire_locked(&mut tx, &locked, now, "expired", &mut done).await?;
+                expire_locked(
+                    &mut tx,
+                    self.db.dialect(),
+                    &locked,
+                    now,
+                    "expired",
+                    &mut done,
+                )
+                .await?;
                 tx.commit().await?;
                 done.emit();
                 Err(ReservationError::Expired)
@@ -656,8 +670,9 @@ impl Reservations {
         .bind(charge.captured_at)
         .execute(&mut *tx)
         .await?;
-        record(
+        let reservation = record(
             &mut tx,
+            self.db.dialect(),
             &locked,
             Some(State::Reserved),
             State::Paid,
@@ -666,9 +681,6 @@ impl Reservations {
             &mut done,
         )
         .await?;
-        let sql = format!("{RESERVATION_SELECT} WHERE r.id = ?");
-        let row = sqlx::query(&sql).bind(id).fetch_one(&mut *tx).await?;
-        let reservation = reservation_from_row(&row);
         save_in_tx(&mut tx, ticket, 200, &reservation).await?;
         tx.commit().await?;
         done.emit();
@@ -714,7 +726,15 @@ impl Reservations {
                 from: State::Expired,
                 to,
             }) if locked.state == State::Reserved => {
-                expire_locked(&mut tx, &locked, now, "expired", &mut done).await?;
+                expire_locked(
+                    &mut tx,
+                    self.db.dialect(),
+                    &locked,
+                    now,
+                    "expired",
+                    &mut done,
+                )
+                .await?;
                 tx.commit().await?;
                 done.emit();
                 return Err(ReservationError::InvalidTransition {
@@ -749,8 +769,9 @@ impl Reservations {
             .map(|r| format!("cancelled: {r}"))
             .unwrap_or_else(|| "cancelled".into());
         let cause: String = cause.chars().take(255).collect();
-        record(
+        let reservation = record(
             &mut tx,
+            self.db.dialect(),
             &locked,
             Some(locked.state),
             State::Cancelled,
@@ -759,9 +780,6 @@ impl Reservations {
             &mut done,
         )
         .await?;
-        let sql = format!("{RESERVATION_SELECT} WHERE r.id = ?");
-        let row = sqlx::query(&sql).bind(id).fetch_one(&mut *tx).await?;
-        let reservation = reservation_from_row(&row);
         save_in_tx(&mut tx, ticket, 200, &reservation).await?;
         tx.commit().await?;
         done.emit();
@@ -809,6 +827,7 @@ fn locked_from_row(row: &AnyRow) -> Locked {
 /// Writes a locked overdue hold as EXPIRED and gives its capacity back; false if it was not overdue.
 async fn expire_locked(
     tx: &mut Transaction<'static, Any>,
+    dialect: Dialect,
     locked: &Locked,
     now: Millis,
     cause: &str,
@@ -831,6 +850,7 @@ async fn expire_locked(
     release(tx, locked).await?;
     record(
         tx,
+        dialect,
         locked,
         Some(State::Reserved),
         State::Expired,
@@ -852,16 +872,23 @@ async fn release(tx: &mut Transaction<'static, Any>, locked: &Locked) -> Result<
     Ok(())
 }
 
-/// Appends the transition to the log and the outbox, in the caller's transaction.
+/// Appends the transition to the log and the outbox, in the caller's transaction, after the writes that
+/// made it (every caller has already updated the reservation, its charge and `held`).
+///
+/// The outbox row carries the reservation as the HTTP API shows it and the resource's `available`, both
+/// read here in one query, so the realtime frame shows the state *at* this transition however late it is
+/// published. Returns that reservation: callers answer the request with it instead of reading it again.
+#[allow(clippy::too_many_arguments)]
 async fn record(
     tx: &mut Transaction<'static, Any>,
+    dialect: Dialect,
     locked: &Locked,
     from: Option<State>,
     to: State,
     now: Millis,
     cause: &str,
     done: &mut Done,
-) -> Result<()> {
+) -> Result<Reservation> {
     sqlx::query("INSERT INTO reservation_events (reservation_id, from_state, to_state, at, cause) VALUES (?, ?, ?, ?, ?)")
         .bind(locked.id)
         .bind(from.map(State::as_str))
@@ -870,6 +897,22 @@ async fn record(
         .bind(cause)
         .execute(&mut **tx)
         .await?;
+    let sql = format!(
+        concat!(
+            "SELECT ",
+            reservation_columns!(),
+            ", {available} FROM reservations r LEFT JOIN charges c ON c.reservation_id = r.id \
+             JOIN resources res ON res.id = r.resource_id WHERE r.id = ?"
+        ),
+        available = available_sql(dialect, "res")
+    );
+    let row = sqlx::query(&sql)
+        .bind(now)
+        .bind(locked.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let reservation = reservation_from_row(&row);
+    let available = row.get::<i64, _>(16).max(0);
     let event = ReservationEvent {
         reservation_id: locked.id,
         resource_id: locked.resource_id,
@@ -879,6 +922,8 @@ async fn record(
         quantity: locked.quantity,
         at: rfc3339(now),
         cause: cause.to_string(),
+        reservation: &reservation,
+        available,
     };
     outbox::append(
         &mut **tx,
@@ -889,7 +934,7 @@ async fn record(
     )
     .await?;
     done.0.push((from, to));
-    Ok(())
+    Ok(reservation)
 }
 
 /// Saves the response of an idempotent request in the business transaction.

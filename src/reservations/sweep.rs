@@ -4,14 +4,16 @@
 //! into a no-op, so sweeps can overlap freely: overdue holds are expired one short transaction at a time
 //! (the `UPDATE … WHERE state = 'RESERVED' AND expires_at <= now` succeeds for exactly one sweeper),
 //! refunds recorded but not confirmed by the gateway are retried, payments interrupted by a crash are
-//! reconciled with the gateway, and old idempotency keys and sessions are purged.
+//! reconciled with the gateway, and old idempotency keys, sessions and realtime history are purged.
 
 use serde::Serialize;
 use sqlx::Row;
 
 use super::repo::Reservations;
+use super::ReservationError;
 use crate::idempotency::IdempotencyStore;
 use crate::payments::charge_key;
+use crate::realtime::store::{Store, StoreError};
 use crate::time::{now_ms, Millis};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -25,20 +27,35 @@ pub struct SweepReport {
     pub stray_charges_refunded: u64,
     pub idempotency_keys_purged: u64,
     pub sessions_purged: u64,
+    /// Realtime history beyond its retention (`realtime_history_count` and `realtime_history_age`).
+    pub messages_purged: u64,
+}
+
+/// What stopped a sweep.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error(transparent)]
+    Reservations(#[from] ReservationError),
+    #[error("purging realtime history: {0}")]
+    History(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for SweepError {
+    fn from(e: sqlx::Error) -> Self {
+        SweepError::Reservations(e.into())
+    }
 }
 
 pub struct Sweeper<'a> {
     pub reservations: &'a Reservations,
     pub idempotency: &'a IdempotencyStore,
+    pub history: &'a Store,
     pub idempotency_retention_ms: Millis,
     pub batch: i64,
 }
 
 impl Sweeper<'_> {
-    pub async fn run(
-        &self,
-        dry_run: bool,
-    ) -> Result<SweepReport, crate::reservations::ReservationError> {
+    pub async fn run(&self, dry_run: bool) -> Result<SweepReport, SweepError> {
         let db = self.reservations.db();
         let pool = db.pool();
         let now = now_ms();
@@ -142,6 +159,11 @@ impl Sweeper<'_> {
                 .execute(pool)
                 .await?
                 .rows_affected()
+        };
+        report.messages_purged = if dry_run {
+            self.history.purgeable(now).await?
+        } else {
+            self.history.purge(now).await?
         };
         Ok(report)
     }
