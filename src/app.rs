@@ -29,6 +29,8 @@ pub struct App {
     pub idempotency: IdempotencyStore,
     /// The line to the cluster master when this process is a worker.
     pub cluster: Option<Arc<crate::cluster::worker::Link>>,
+    /// The realtime hub, when this process serves `GET /v1/realtime` (`cozy serve`).
+    pub realtime: Option<Arc<crate::realtime::Realtime>>,
 }
 
 impl App {
@@ -51,6 +53,7 @@ impl App {
             idempotency: IdempotencyStore::new(db.clone(), settings.idempotency_lease),
             sessions,
             cluster: None,
+            realtime: None,
             db,
             settings: Arc::new(settings),
         })

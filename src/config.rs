@@ -70,6 +70,7 @@ pub struct Layer {
     pub realtime_heartbeat_ms: Option<u64>,
     pub realtime_queue_frames: Option<usize>,
     pub realtime_presence_ttl_secs: Option<u64>,
+    pub realtime_rate_per_sec: Option<u32>,
 }
 
 impl Layer {
@@ -107,6 +108,7 @@ impl Layer {
             realtime_presence_ttl_secs: other
                 .realtime_presence_ttl_secs
                 .or(self.realtime_presence_ttl_secs),
+            realtime_rate_per_sec: other.realtime_rate_per_sec.or(self.realtime_rate_per_sec),
         }
     }
 
@@ -188,6 +190,7 @@ impl Layer {
             realtime_heartbeat_ms: num(&get, "COZY_REALTIME_HEARTBEAT_MS")?,
             realtime_queue_frames: num(&get, "COZY_REALTIME_QUEUE_FRAMES")?,
             realtime_presence_ttl_secs: num(&get, "COZY_REALTIME_PRESENCE_TTL_SECS")?,
+            realtime_rate_per_sec: num(&get, "COZY_REALTIME_RATE_PER_SEC")?,
         })
     }
 }
@@ -257,6 +260,9 @@ pub struct Settings {
     /// A connection's presence entry lives this long without a refresh (bounds how long a killed
     /// worker's connections stay present).
     pub realtime_presence_ttl: Duration,
+    /// Frames a connection may send per second (bursts of twice that); beyond, `rate_limited` errors,
+    /// and a connection that keeps going is closed with 4008.
+    pub realtime_rate_per_sec: u32,
     pub session_ttl: Duration,
     pub idempotency_retention: Duration,
     pub idempotency_lease: Duration,
@@ -395,6 +401,7 @@ impl Settings {
             ),
             realtime_queue_frames: l.realtime_queue_frames.unwrap_or(1024).max(8),
             realtime_presence_ttl: secs(l.realtime_presence_ttl_secs.unwrap_or(15).max(2)),
+            realtime_rate_per_sec: l.realtime_rate_per_sec.unwrap_or(100).max(1),
             session_ttl: secs(l.session_ttl_secs.unwrap_or(24 * 3600).max(1)),
             idempotency_retention: secs(l.idempotency_retention_secs.unwrap_or(24 * 3600)),
             idempotency_lease: secs(l.idempotency_lease_secs.unwrap_or(60).max(1)),

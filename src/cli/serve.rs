@@ -77,6 +77,9 @@ pub async fn run(settings: Settings, args: ServeArgs, log_format: LogFormat) -> 
     // The first line on stdout says where to connect; scripts and tests wait for it.
     println!("cozy listening on http://{addr}");
     let _ = std::io::stdout().flush();
+    let stats = ServerStats::new();
+    let mut app = app;
+    app.realtime = Some(start_realtime(&app, &stats).await?);
     let app = Arc::new(app);
     let policy = drain_policy(&app.settings);
     server::serve(
@@ -84,9 +87,10 @@ pub async fn run(settings: Settings, args: ServeArgs, log_format: LogFormat) -> 
         crate::http::router(app.clone()),
         shutdown_signal(),
         policy,
-        ServerStats::new(),
+        stats,
     )
     .await?;
+    finish_realtime(&app).await;
     tracing::info!("stopped");
     app.db.close().await;
     Ok(0)
@@ -120,8 +124,9 @@ async fn run_worker(settings: Settings, args: ServeArgs, worker: WorkerEnv) -> a
         .await
         .map_err(|e| anyhow::anyhow!("{} does not answer: {e}", app.sessions.kind()))?;
     app.cluster = Some(link.clone());
-    let app = Arc::new(app);
     let stats = ServerStats::new();
+    app.realtime = Some(start_realtime(&app, &stats).await?);
+    let app = Arc::new(app);
     let push_stats = {
         let (link, stats) = (link.clone(), stats.clone());
         move || {
@@ -157,8 +162,25 @@ async fn run_worker(settings: Settings, args: ServeArgs, worker: WorkerEnv) -> a
         stats,
     )
     .await?;
+    finish_realtime(&app).await;
     app.db.close().await;
     Ok(0)
+}
+
+async fn start_realtime(
+    app: &App,
+    stats: &Arc<ServerStats>,
+) -> anyhow::Result<Arc<crate::realtime::Realtime>> {
+    crate::realtime::Realtime::start(app.settings.clone(), app.db.clone(), stats.draining())
+        .await
+        .context("cannot start the realtime hub")
+}
+
+/// The HTTP drain is over; WebSockets were told 1001 when it began: give them a moment to go.
+async fn finish_realtime(app: &App) {
+    if let Some(rt) = &app.realtime {
+        rt.wait_closed(Duration::from_secs(2)).await;
+    }
 }
 
 /// Migrates on the embedded default or when asked; otherwise refuses to run against an old schema.

@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/reservations/{id}/pay"),
     ("post", "/v1/reservations/{id}/cancel"),
     ("get", "/v1/reservations/{id}/events"),
+    ("get", "/v1/realtime"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -73,6 +74,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/reservations/{id}/pay", post(reservations::pay))
         .route("/v1/reservations/{id}/cancel", post(reservations::cancel))
         .route("/v1/reservations/{id}/events", get(reservations::events))
+        .route("/v1/realtime", get(crate::realtime::ws::handler))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -85,6 +87,10 @@ pub fn router(app: AppState) -> Router {
                 "this path does not take that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            kick_outbox,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(telemetry::track))
         .layer(TimeoutLayer::with_status_code(
@@ -97,6 +103,23 @@ pub fn router(app: AppState) -> Router {
             },
         ))
         .with_state(app)
+}
+
+/// After a reservation call (which may have committed transitions, expiries included), tell the realtime
+/// hub to publish the outbox now instead of at its next poll.
+async fn kick_outbox(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let touches = req.uri().path().starts_with("/v1/reservations");
+    let response = next.run(req).await;
+    if touches {
+        if let Some(rt) = &app.realtime {
+            rt.kick_outbox();
+        }
+    }
+    response
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains with the default

@@ -11,7 +11,14 @@
 //! - [`hub`]: this worker's rooms and subscribers; delivers each room in `seq` order, holding back a gap
 //!   briefly and filling it from the database.
 //! - [`ws`]: one WebSocket connection: hello/auth, heartbeats, limits, bounded outbound queue.
+//! - [`service`]: the pieces wired together, plus the outbox publisher, presence keeper and retention.
 
+pub mod bus;
 pub mod frames;
+pub mod hub;
 pub mod presence;
+pub mod service;
 pub mod store;
+pub mod ws;
+
+pub use service::Realtime;

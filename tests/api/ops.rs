@@ -159,6 +159,7 @@ backend_tests! {
             ("post", "/v1/reservations/{id}/pay"),
             ("post", "/v1/reservations/{id}/cancel"),
             ("get", "/v1/reservations/{id}/events"),
+            ("get", "/v1/realtime"),
             ("get", "/healthz"),
             ("get", "/readyz"),
             ("get", "/metrics"),
