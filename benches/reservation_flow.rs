@@ -682,9 +682,14 @@ const MARK_PAID: &str =
     "UPDATE reservations SET state = 'PAID', updated_at = ? WHERE id = ? AND state = 'RESERVED'";
 const INSERT_CHARGE: &str = "INSERT INTO charges (reservation_id, provider, provider_ref, amount_cents, currency, captured_at) \
              VALUES (?, ?, ?, ?, ?, ?)";
-const RESERVATION_BY_ID: &str = "SELECT r.id, r.resource_id, r.user_id, r.quantity, r.state, r.amount_cents, \
+/// repo.rs `record`: the reservation as the API shows it plus the resource's `available`, read in the
+/// transition's transaction for the outbox row (the realtime frame). Binds now, id.
+const RESERVATION_SNAPSHOT: &str = "SELECT r.id, r.resource_id, r.user_id, r.quantity, r.state, r.amount_cents, \
      r.currency, r.expires_at, r.created_at, r.updated_at, c.id, c.amount_cents, c.currency, c.provider_ref, \
-     c.captured_at, c.refunded_at FROM reservations r LEFT JOIN charges c ON c.reservation_id = r.id WHERE r.id = ?";
+     c.captured_at, c.refunded_at, res.capacity - (res.held - CAST(COALESCE((SELECT SUM(x.quantity) FROM reservations x \
+     WHERE x.resource_id = res.id AND x.state = 'RESERVED' AND x.expires_at <= ?), 0) AS SIGNED)) \
+     FROM reservations r LEFT JOIN charges c ON c.reservation_id = r.id JOIN resources res ON res.id = r.resource_id \
+     WHERE r.id = ?";
 
 /// cozy's pool: 64 connections, READ COMMITTED, the same sql_mode and time zone (src/db/mod.rs).
 async fn cozy_like_pool(url: &str, size: u32) -> anyhow::Result<MySqlPool> {
@@ -807,7 +812,8 @@ fn reservation_json(row: &sqlx::mysql::MySqlRow) -> String {
     .to_string()
 }
 
-/// repo.rs `record`: the transition log row and the outbox row, in the caller's transaction.
+/// repo.rs `record`: the transition log row, the snapshot read and the outbox row, in the caller's
+/// transaction; returns the reservation's JSON (the response body).
 async fn record(
     tx: &mut Transaction<'static, MySql>,
     l: &Locked,
@@ -815,7 +821,7 @@ async fn record(
     to: &str,
     now: i64,
     cause: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<String, sqlx::Error> {
     sqlx::query(INSERT_EVENT)
         .bind(l.id)
         .bind(from)
@@ -824,6 +830,13 @@ async fn record(
         .bind(cause)
         .execute(&mut **tx)
         .await?;
+    let row = sqlx::query(RESERVATION_SNAPSHOT)
+        .bind(now)
+        .bind(l.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let reservation = reservation_json(&row);
+    let available = row.get::<i64, _>(16).max(0);
     let payload = json!({
         "reservation_id": l.id,
         "resource_id": l.resource_id,
@@ -833,6 +846,8 @@ async fn record(
         "quantity": l.quantity,
         "at": rfc3339(now),
         "cause": cause,
+        "reservation": serde_json::from_str::<serde_json::Value>(&reservation).unwrap_or_default(),
+        "available": available,
     })
     .to_string();
     sqlx::query(INSERT_OUTBOX)
@@ -842,7 +857,7 @@ async fn record(
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(reservation)
 }
 
 impl Raw {
@@ -913,13 +928,7 @@ impl Raw {
             amount_cents: amount,
             currency: currency.clone(),
         };
-        record(&mut tx, &locked, None, "RESERVED", now, "reserved").await?;
-        let body = json!({
-            "id": id, "resource_id": resource, "user_id": user, "quantity": quantity, "state": "RESERVED",
-            "amount_cents": amount, "currency": currency, "expires_at": rfc3339(expires_at),
-            "created_at": rfc3339(now), "updated_at": rfc3339(now), "payment": null,
-        })
-        .to_string();
+        let body = record(&mut tx, &locked, None, "RESERVED", now, "reserved").await?;
         sqlx::query(IDEM_COMPLETE)
             .bind(201i64)
             .bind(body)
@@ -1040,12 +1049,7 @@ impl Raw {
             .bind(charge.3)
             .execute(&mut *tx)
             .await?;
-        record(&mut tx, &locked, Some("RESERVED"), "PAID", now, "paid").await?;
-        let row = sqlx::query(RESERVATION_BY_ID)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let body = reservation_json(&row);
+        let body = record(&mut tx, &locked, Some("RESERVED"), "PAID", now, "paid").await?;
         sqlx::query(IDEM_COMPLETE)
             .bind(200i64)
             .bind(body)
