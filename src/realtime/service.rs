@@ -22,6 +22,9 @@ use crate::config::Settings;
 use crate::db::Db;
 use crate::time::now_ms;
 
+/// How long the outbox publisher waits after a kick before draining, to batch a burst.
+const OUTBOX_BATCH_WAIT: Duration = Duration::from_millis(10);
+
 /// The realtime hub of this process.
 pub struct Realtime {
     pub settings: Arc<Settings>,
@@ -180,7 +183,14 @@ async fn outbox_publisher(rt: std::sync::Weak<Realtime>) {
                 }
             }
         }
-        let _ = tokio::time::timeout(Duration::from_millis(500), r.outbox_kick.notified()).await;
+        let kicked = tokio::time::timeout(Duration::from_millis(500), r.outbox_kick.notified())
+            .await
+            .is_ok();
+        if kicked {
+            // Let the other calls of this moment commit too: one drain transaction for a burst of
+            // transitions instead of one each (10 ms on a reservation frame's way out).
+            tokio::time::sleep(OUTBOX_BATCH_WAIT).await;
+        }
     }
 }
 
