@@ -128,10 +128,12 @@ async fn run_worker(settings: Settings, args: ServeArgs, worker: WorkerEnv) -> a
     app.realtime = Some(start_realtime(&app, &stats).await?);
     let app = Arc::new(app);
     let push_stats = {
-        let (link, stats) = (link.clone(), stats.clone());
+        let (link, stats, realtime) = (link.clone(), stats.clone(), app.realtime.clone());
         move || {
+            // Open connections: HTTP ones, plus WebSockets (which leave the HTTP loop once upgraded).
+            let websockets = realtime.as_ref().map_or(0, |rt| rt.connections()) as u64;
             link.send(ToMaster::Stats {
-                connections: stats.connections(),
+                connections: stats.connections() + websockets,
                 requests: stats.requests(),
                 metrics: crate::http::routes::ops::render_local(),
             })
