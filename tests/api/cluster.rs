@@ -44,7 +44,7 @@ const POOL_PER_WORKER: (&str, &str) = ("COZY_DB_MAX_CONNECTIONS", "6");
 /// `reserve`, `pay`, `audit` …), with `base` pointing at the cluster. Dropping it SIGKILLs the master and
 /// every worker it has seen (through `cozy status` or the master's log), so a failed test leaves no
 /// process behind.
-struct TestCluster {
+pub(crate) struct TestCluster {
     app: TestApp,
     master: Child,
     first_line: Option<tokio::sync::oneshot::Receiver<String>>,
@@ -61,7 +61,7 @@ impl Deref for TestCluster {
 
 impl TestCluster {
     /// Migrates a fresh database, starts the master with `workers` workers and waits until it listens.
-    async fn start(workers: usize, env: &[(&str, &str)], args: &[&str]) -> TestCluster {
+    pub(crate) async fn start(workers: usize, env: &[(&str, &str)], args: &[&str]) -> TestCluster {
         let app = cluster_app(env).await;
         app.migrate();
         let mut cluster = Self::launch(app, workers, args);
@@ -139,7 +139,7 @@ impl TestCluster {
     }
 
     /// A `cozy` command with the cluster's environment (same COZY_RUN_DIR, so it finds the master).
-    async fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) async fn cli(&self, args: &[&str]) -> Output {
         tokio::process::Command::from(self.app.cli_command(args, &[]))
             .kill_on_drop(true)
             .output()
@@ -148,7 +148,7 @@ impl TestCluster {
     }
 
     /// `cozy status --json`, asserting that it succeeds.
-    async fn status(&self) -> Value {
+    pub(crate) async fn status(&self) -> Value {
         let out = self.cli(&["status", "--json"]).await;
         assert!(
             out.status.success(),
@@ -172,7 +172,7 @@ impl TestCluster {
     }
 
     /// Polls `cozy status` until `done` holds; returns that status.
-    async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let status = self.status().await;
@@ -277,14 +277,14 @@ fn pids_of(status: &Value) -> Vec<u32> {
 }
 
 /// The status entries of worker slot `id` (two while one process replaces another).
-fn slot(status: &Value, id: u64) -> Vec<&Value> {
+pub(crate) fn slot(status: &Value, id: u64) -> Vec<&Value> {
     status["workers"]
         .as_array()
         .map(|ws| ws.iter().filter(|w| w["id"] == id).collect())
         .unwrap_or_default()
 }
 
-fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
+pub(crate) fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill(2) has no memory-safety preconditions.
     if unsafe { libc::kill(pid as libc::pid_t, sig) } == 0 {
         Ok(())

@@ -12,5 +12,6 @@ mod expiry;
 mod idempotency;
 mod ops;
 mod payments;
+mod realtime;
 mod reservations;
 mod resources;
