@@ -318,7 +318,7 @@ impl Conn {
             self.reply(ServerFrame::error(
                 ErrorCode::RateLimited,
                 format!("more than {} frames per second", self.bucket.rate),
-                None,
+                reference_of(text),
             ))
             .await;
             return None;
@@ -589,6 +589,20 @@ impl Conn {
         }
         self.rt.local.lock().unwrap().remove(&self.conn_id);
     }
+}
+
+/// The `ref` of a frame refused before it is parsed (over the rate): that reply echoes it too, as every
+/// direct reply does. The parse costs about what the reply does, and a client that keeps going is closed
+/// after `rate` refusals in a row.
+fn reference_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ref {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+    }
+    serde_json::from_str::<Ref>(text)
+        .ok()
+        .and_then(|r| r.reference)
 }
 
 fn bad_room(room: &str, reference: Option<String>) -> ServerFrame {
