@@ -53,10 +53,15 @@ where
         }),
         Err(_) => None,
     };
-    if let Err(e) = app.idempotency.finish(&ticket, saved.as_ref()).await {
-        // The effect (if any) is committed; the key stays `running` until its lease ends, then a retry
-        // re-runs against database guards. Worth a log line, not a failed response.
-        tracing::warn!(error = %e, "could not record the idempotent outcome");
+    // A success whose outcome the business transaction already saved (and committed) needs no second
+    // write; everything else is recorded (or the key released) here.
+    let already_saved = outcome.is_ok() && ticket.was_saved_in_tx();
+    if !already_saved {
+        if let Err(e) = app.idempotency.finish(&ticket, saved.as_ref()).await {
+            // The effect (if any) is committed; the key stays `running` until its lease ends, then a
+            // retry re-runs against database guards. Worth a log line, not a failed response.
+            tracing::warn!(error = %e, "could not record the idempotent outcome");
+        }
     }
     match outcome {
         Ok((status, body)) => (status, axum::Json(body)).into_response(),

@@ -78,6 +78,23 @@ pub struct Saved {
 pub struct Ticket {
     pub user_id: i64,
     pub key: String,
+    /// Set by [`complete_in`] when the outcome was written inside the effect's own transaction; a
+    /// handler that then succeeds (its transaction committed) needs no separate [`IdempotencyStore::finish`].
+    pub saved_in_tx: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ticket {
+    fn new(user_id: i64, key: String) -> Ticket {
+        Ticket {
+            user_id,
+            key,
+            saved_in_tx: Default::default(),
+        }
+    }
+
+    pub fn was_saved_in_tx(&self) -> bool {
+        self.saved_in_tx.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug)]
@@ -130,10 +147,10 @@ impl IdempotencyStore {
             .await;
             match inserted {
                 Ok(_) => {
-                    return Ok(Begin::Proceed(Ticket {
+                    return Ok(Begin::Proceed(Ticket::new(
                         user_id,
-                        key: key.as_str().to_string(),
-                    }))
+                        key.as_str().to_string(),
+                    )))
                 }
                 Err(e) if is_unique_violation(&e) => {}
                 Err(e) if crate::db::is_retryable(&e) => continue,
@@ -181,10 +198,10 @@ impl IdempotencyStore {
             .await?;
             if taken.rows_affected() == 1 {
                 tracing::info!("took over an abandoned idempotency key");
-                return Ok(Begin::Proceed(Ticket {
+                return Ok(Begin::Proceed(Ticket::new(
                     user_id,
-                    key: key.as_str().to_string(),
-                }));
+                    key.as_str().to_string(),
+                )));
             }
         }
         Err(IdempotencyError::InUse {
@@ -277,6 +294,9 @@ where
     .bind(&ticket.key)
     .execute(exec)
     .await?;
+    ticket
+        .saved_in_tx
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

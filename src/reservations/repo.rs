@@ -264,6 +264,11 @@ impl Reservations {
             {
                 // The same Idempotency-Key created a reservation before (a retry after a crash or a lost
                 // response whose saved outcome was lost too): hand back that one instead of a second.
+                // Nothing of this call committed, so its outcome must still be saved by the caller.
+                if let Some(t) = ticket {
+                    t.saved_in_tx
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
                 let sql = format!("{RESERVATION_SELECT} WHERE r.user_id = ? AND r.request_key = ?");
                 let row = sqlx::query(&sql)
                     .bind(user_id)
