@@ -94,7 +94,8 @@ async fn connection(rt: Arc<Realtime>, app: AppState, socket: WebSocket) {
     let conn_id: u64 = rand::random::<u64>() >> 1;
     let conn_name = format!("{conn_id:x}");
     let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(rt.settings.realtime_queue_frames);
-    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Outbound>();
+    // At most one control message ever (the close): a oneshot costs a fraction of a channel's block.
+    let (ctl_tx, mut ctl_rx) = tokio::sync::oneshot::channel::<Outbound>();
     let slow = Arc::new(Notify::new());
     let handle = ConnHandle {
         id: conn_id,
@@ -118,7 +119,7 @@ async fn connection(rt: Arc<Realtime>, app: AppState, socket: WebSocket) {
         loop {
             let next = tokio::select! {
                 biased;
-                m = ctl_rx.recv() => m,
+                m = &mut ctl_rx => m.ok(),
                 m = out_rx.recv() => m,
                 _ = ping.tick() => {
                     if sink.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -203,7 +204,9 @@ async fn connection(rt: Arc<Realtime>, app: AppState, socket: WebSocket) {
                 last_seen = Instant::now();
                 match msg {
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(c) = conn.frame(&text).await {
+                        // Boxed: the handling future (publish, subscribe) is large, and this loop's
+                        // state would otherwise be that large for the whole life of an idle connection.
+                        if let Some(c) = Box::pin(conn.frame(&text)).await {
                             break Some(c);
                         }
                     }
