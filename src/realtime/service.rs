@@ -14,9 +14,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::bus::{self, Bus, BusEvent};
-use super::frames::{PresenceEntry, PresenceLeave, ServerFrame};
+use super::frames::ServerFrame;
 use super::hub::Hub;
-use super::presence::{Change, Presence};
+use super::presence::{presence_frames, Change, Presence};
 use super::store::Store;
 use crate::config::Settings;
 use crate::db::Db;
@@ -131,27 +131,13 @@ impl Realtime {
 
     /// Broadcasts presence changes as `presence` frames, one per room.
     pub async fn announce(&self, changes: Vec<Change>) {
-        let mut by_room: HashMap<String, (Vec<PresenceEntry>, Vec<PresenceLeave>)> = HashMap::new();
-        for c in changes {
-            let entry = by_room.entry(c.room.clone()).or_default();
-            if c.connections == 0 {
-                entry.1.push(PresenceLeave { user_id: c.user_id });
-            } else {
-                entry.0.push(PresenceEntry {
-                    user_id: c.user_id,
-                    connections: c.connections,
-                });
-            }
-        }
-        for (room, (joins, leaves)) in by_room {
-            let frame = ServerFrame::Presence {
-                room: room.clone(),
-                joins,
-                leaves,
+        for frame in presence_frames(&changes) {
+            let ServerFrame::Presence { room, .. } = &frame else {
+                continue;
             };
             self.bus
                 .publish(BusEvent::Ephemeral {
-                    room,
+                    room: room.clone(),
                     frame: frame.to_text(),
                     exclude_user: None,
                 })
