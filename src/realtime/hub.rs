@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 
 use super::bus::BusEvent;
 use super::frames::{PresenceEntry, ServerFrame};
-use super::store::Store;
+use super::store::{Store, StoredMessage};
 
 /// How long a gap in a room's sequence may last before the hub reads the missing frames from the
 /// database (they are usually just late on the bus).
@@ -204,6 +204,14 @@ fn text(frame: &ServerFrame) -> Utf8Bytes {
     Utf8Bytes::from(frame.to_text())
 }
 
+/// Stored messages as `(seq, frame text)`, ready to hand to connections.
+fn frames_of(messages: &[StoredMessage]) -> Vec<(u64, Utf8Bytes)> {
+    messages
+        .iter()
+        .map(|m| (m.seq, text(&m.to_frame())))
+        .collect()
+}
+
 impl State {
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
@@ -275,11 +283,7 @@ impl State {
                     .map(|r| Synced {
                         last_seq: r.last_seq,
                         recovered: r.recovered,
-                        frames: r
-                            .messages
-                            .iter()
-                            .map(|m| (m.seq, text(&m.to_frame())))
-                            .collect(),
+                        frames: frames_of(&r.messages),
                     })
                     .map_err(|e| e.to_string()),
                 None => store
@@ -344,9 +348,10 @@ impl State {
             r.pending.retain(|seq, _| *seq > head);
         }
         r.known = r.known.max(synced.last_seq);
-        let ring = r.ring.clone();
         let head = r.head.unwrap_or(0);
-        let Some(sub) = r.subs.get_mut(&conn) else {
+        // Disjoint borrows: the subscriber is updated while the ring is read, without copying it.
+        let RoomState { subs, ring, .. } = r;
+        let Some(sub) = subs.get_mut(&conn) else {
             return;
         };
         let Some(syncing) = sub.syncing.take() else {
@@ -404,10 +409,7 @@ impl State {
                         .map(|messages| Synced {
                             last_seq: head,
                             recovered: true,
-                            frames: messages
-                                .iter()
-                                .map(|m| (m.seq, text(&m.to_frame())))
-                                .collect(),
+                            frames: frames_of(&messages),
                         })
                         .map_err(|e| e.to_string());
                     let _ = tx.send(Cmd::Synced {
@@ -546,10 +548,7 @@ impl State {
         let (store, tx, room) = (self.store.clone(), self.tx.clone(), room.to_string());
         tokio::spawn(async move {
             let frames = match store.range(&room, head, upto).await {
-                Ok(messages) => messages
-                    .iter()
-                    .map(|m| (m.seq, text(&m.to_frame())))
-                    .collect(),
+                Ok(messages) => frames_of(&messages),
                 Err(e) => {
                     tracing::warn!(room, error = %e, "realtime: gap fill failed; retrying");
                     Vec::new()
