@@ -444,7 +444,7 @@ impl Cluster {
         master_end.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(master_end)?;
         let (read, write) = stream.into_split();
-        tokio::spawn(write_to_worker(write, rx));
+        tokio::spawn(super::protocol::write_lines(write, rx));
         tokio::spawn(self.clone().read_from_worker(worker.clone(), read));
         let cluster = self.clone();
         let w = worker.clone();
@@ -1009,19 +1009,6 @@ async fn serve_control(
             let _ = write.write_all(&out).await;
             let _ = write.shutdown().await;
         });
-    }
-}
-
-async fn write_to_worker(
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<ToWorker>,
-) {
-    while let Some(msg) = rx.recv().await {
-        let mut line = serde_json::to_vec(&msg).unwrap_or_default();
-        line.push(b'\n');
-        if write.write_all(&line).await.is_err() {
-            return;
-        }
     }
 }
 

@@ -12,6 +12,22 @@ pub const LISTEN_FD: i32 = 3;
 /// The inherited master ↔ worker socketpair end of a worker.
 pub const CONTROL_FD: i32 = 4;
 
+/// Writes every message from `rx` to `write` as one JSON line, until either side goes away (both ends of
+/// the master ↔ worker socketpair use it).
+pub async fn write_lines<T: Serialize>(
+    mut write: impl tokio::io::AsyncWrite + Unpin,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(msg) = rx.recv().await {
+        let mut line = serde_json::to_vec(&msg).unwrap_or_default();
+        line.push(b'\n');
+        if write.write_all(&line).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Worker → master.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]

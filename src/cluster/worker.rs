@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::protocol::{ToMaster, ToWorker, CONTROL_FD, ENV_WORKER_ID, LISTEN_FD};
@@ -50,8 +50,8 @@ impl WorkerEnv {
             .set_nonblocking(true)
             .context("the inherited control socket (fd 4) is not usable")?;
         let stream = tokio::net::UnixStream::from_std(stream)?;
-        let (read, mut write) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<ToMaster>();
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<ToMaster>();
         let link = Arc::new(Link {
             id: self.id,
             tx,
@@ -59,15 +59,7 @@ impl WorkerEnv {
             pending: Mutex::new(HashMap::new()),
         });
         let gone = Arc::new(Notify::new());
-        tokio::spawn(async move {
-            while let Some(msg) = rx.recv().await {
-                let mut line = serde_json::to_vec(&msg).unwrap_or_default();
-                line.push(b'\n');
-                if write.write_all(&line).await.is_err() {
-                    break;
-                }
-            }
-        });
+        tokio::spawn(super::protocol::write_lines(write, rx));
         let reader_link = link.clone();
         let reader_gone = gone.clone();
         tokio::spawn(async move {
