@@ -26,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod idempotency;
+pub mod ops;
 pub mod outbox;
 pub mod payments;
 pub mod realtime;

@@ -1,0 +1,14 @@
+//! The `sysctl` module (not written yet).
+
+use super::{Module, ModuleSpec};
+
+pub static SPEC: ModuleSpec = ModuleSpec {
+    name: "sysctl",
+    args: &[],
+    free_form: None,
+    build,
+};
+
+fn build(_args: serde_json::Value) -> Result<Box<dyn Module>, String> {
+    Err("the sysctl module is not written yet".into())
+}

@@ -1,0 +1,1 @@
+//! Playbook YAML → [`super::Playbook`] (not written yet).

@@ -1,0 +1,1 @@
+//! SSH transport on russh (not written yet).
