@@ -6,7 +6,7 @@
 //! still goes out when the queue is full (4009).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -33,6 +33,37 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TYPING_TTL: Duration = Duration::from_secs(6);
 /// Forbidden subscribe/publish attempts tolerated before closing with 4003.
 const FORBIDDEN_LIMIT: u32 = 5;
+/// Bytes of frames the writer feeds before it flushes. It matches the socket's write buffer
+/// (`write_buffer_size` below: tungstenite writes out once its buffer holds more than that), so one
+/// flush is one write of at most this much plus a frame, and the buffer never grows past about twice
+/// it — a connection that once received a burst keeps that capacity (memory per idle connection).
+const WRITE_BATCH_BYTES: usize = 4 * 1024;
+
+/// Frames and socket writes of all connections, for `/metrics`: their ratio is how well the writer
+/// coalesces (fan-out of one frame per subscriber at a time gives 1; a backlog gives more).
+static FRAMES_SENT: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("cozy_websocket_frames_sent_total"));
+static WRITES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("cozy_websocket_writes_total"));
+
+/// One flush's worth of frames.
+#[derive(Default)]
+struct Batch {
+    frames: u64,
+    bytes: usize,
+}
+
+impl Batch {
+    fn add(&mut self, text: &Utf8Bytes) {
+        self.frames += 1;
+        self.bytes += text.len();
+    }
+
+    fn count(&self) {
+        FRAMES_SENT.increment(self.frames);
+        WRITES.increment(1);
+    }
+}
 
 /// `GET /v1/realtime`.
 pub async fn handler(State(app): State<AppState>, ws: WebSocketUpgrade) -> Response {
@@ -43,10 +74,10 @@ pub async fn handler(State(app): State<AppState>, ws: WebSocketUpgrade) -> Respo
     ws
         // Small buffers: most connections are idle most of the time (memory per idle connection).
         .read_buffer_size(4 * 1024)
-        // Frames are fed and flushed in batches (see the writer); 4 KiB keeps an idle connection
-        // under 16 KiB while costing ~8x less CPU per broadcast frame than writing each one
-        // (docs/decisions.md, "WebSocket crate (measured)").
-        .write_buffer_size(4 * 1024)
+        // Frames are fed and flushed in batches of WRITE_BATCH_BYTES (see the writer); 4 KiB keeps an
+        // idle connection under 16 KiB while costing ~8x less CPU per broadcast frame than writing
+        // each one (docs/decisions.md, "WebSocket crate (measured)").
+        .write_buffer_size(WRITE_BATCH_BYTES)
         // Frames over 64 KiB are refused by us with 4008; this only bounds what we read to decide that.
         .max_message_size(2 * MAX_FRAME_BYTES)
         .max_frame_size(2 * MAX_FRAME_BYTES)
@@ -130,14 +161,18 @@ async fn connection(rt: Arc<Realtime>, app: AppState, socket: WebSocket) {
             };
             match next {
                 Some(Outbound::Text(text)) => {
-                    // Feed whatever else is queued and flush once: one write for a burst.
+                    // Coalesce: feed every frame already queued (up to WRITE_BATCH_BYTES) and flush
+                    // once, so a burst costs one socket write instead of one per frame.
+                    let mut batch = Batch::default();
+                    batch.add(&text);
                     if sink.feed(Message::Text(text)).await.is_err() {
                         return;
                     }
                     let mut closing = None;
-                    for _ in 0..64 {
+                    while batch.bytes < WRITE_BATCH_BYTES {
                         match out_rx.try_recv() {
                             Ok(Outbound::Text(text)) => {
+                                batch.add(&text);
                                 if sink.feed(Message::Text(text)).await.is_err() {
                                     return;
                                 }
@@ -152,6 +187,7 @@ async fn connection(rt: Arc<Realtime>, app: AppState, socket: WebSocket) {
                     if sink.flush().await.is_err() {
                         return;
                     }
+                    batch.count();
                     if let Some(Outbound::Close(code, reason)) = closing {
                         let _ = sink.send(close_msg(code, reason)).await;
                         let _ = sink.close().await;

@@ -54,6 +54,14 @@ pub fn install_metrics() {
         "cozy_websocket_connections",
         "Open realtime WebSocket connections"
     );
+    metrics::describe_counter!(
+        "cozy_websocket_frames_sent_total",
+        "Realtime frames written to WebSocket connections"
+    );
+    metrics::describe_counter!(
+        "cozy_websocket_writes_total",
+        "Socket writes (flushes) of realtime frames; frames ÷ writes is how well they coalesce"
+    );
     metrics::counter!("cozy_idempotent_replays_total").absolute(0);
     metrics::gauge!("cozy_websocket_connections").set(0.0);
 }
