@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod migrate;
+pub mod provision;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ Examples:
   COZY_REDIS_URL=redis://127.0.0.1 cozy serve --workers 4 --max-memory 512M   # supervised cluster
   cozy status                                  # the cluster's workers, like `pm2 ls`
   cozy reload                                  # rolling restart, zero dropped requests
+  cozy provision -i inventory.yml              # harden every host of the inventory over SSH
 
 Configuration: flags > environment (COZY_DATABASE_URL, COZY_REDIS_URL, COZY_LISTEN, COZY_RUN_DIR,
 COZY_DATA_DIR, ...) > cozy.yaml (or --config FILE) > defaults.";
@@ -68,6 +70,8 @@ pub enum Command {
     Reload,
     /// Stop the running cluster gracefully; exits 0 once every process is gone.
     Stop,
+    /// Provision and harden hosts over SSH with playbooks (built-in: base, harden, nginx, mysql, redis, app).
+    Provision(provision::ProvisionArgs),
 }
 
 /// Database flags shared by commands that open the database.
@@ -106,7 +110,7 @@ impl Cli {
             }
             Command::Audit(a) => flags.database_url = a.db.database_url.clone(),
             Command::Sweep(a) => flags.database_url = a.db.database_url.clone(),
-            Command::Status(_) | Command::Reload | Command::Stop => {}
+            Command::Status(_) | Command::Reload | Command::Stop | Command::Provision(_) => {}
         }
         Ok(Settings::load(self.config.as_deref(), flags)?)
     }
@@ -135,5 +139,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(args) => cluster::status(settings, args).await,
         Command::Reload => cluster::reload(settings).await,
         Command::Stop => cluster::stop(settings).await,
+        Command::Provision(args) => provision::run(args).await,
     }
 }

@@ -15,6 +15,7 @@
 //!   reads the host's current state, plans the minimal change, and applies it only when not in check
 //!   mode — one round trip where one is enough, as pyinfra does.
 
+pub mod connect;
 pub mod facts;
 pub mod inventory;
 pub mod modules;

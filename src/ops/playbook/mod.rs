@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: plays, tasks, handlers, locations.
 //! - [`parse`]: YAML → [`model::Playbook`], every error at its file:line:column with the valid choices.
+//! - [`yaml`]: YAML with positions (shared with the inventory): loading, scalar typing, located errors.
 //! - [`builtin`]: the playbooks and templates embedded in the binary (`playbooks/`, `templates/`), which
 //!   files on disk override.
 //! - [`run`]: runs plays on hosts in parallel: connect (bootstrap when needed), gather facts, then per
@@ -9,7 +10,12 @@
 //!   play's tasks, once each.
 //! - [`report`]: progress bars on a terminal, plain lines otherwise, the recap table and `--json`.
 
+pub mod builtin;
 pub mod model;
 pub mod parse;
+pub mod yaml;
+pub mod render;
+pub mod report;
+pub mod run;
 
 pub use model::{Location, Loop, ParseError, Play, Playbook, Task};

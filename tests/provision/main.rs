@@ -1,0 +1,7 @@
+//! Integration tests of `cozy provision` on real test hosts (tests/testbed): one test binary, so that
+//! linking happens once.
+
+mod harden;
+mod playbooks;
+mod scene;
+mod testbed;
