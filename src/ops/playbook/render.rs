@@ -146,9 +146,15 @@ impl Renderer {
             .env
             .compile_expression(expr)
             .map_err(|e| format!("`{expr}`: {}", describe(&e)))?;
-        compiled
+        let value = compiled
             .eval(vars.clone())
-            .map_err(|e| format!("`{expr}`: {}", describe(&e)))
+            .map_err(|e| format!("`{expr}`: {}", describe(&e)))?;
+        // Strict mode only catches undefined values that are printed or iterated; an expression that
+        // *is* undefined (a misspelt variable) must fail too.
+        if value.is_undefined() {
+            return Err(format!("`{expr}` is undefined (a misspelt or missing variable?)"));
+        }
+        Ok(value)
     }
 
     /// Whether every condition holds.
