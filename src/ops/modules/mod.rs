@@ -77,6 +77,14 @@ pub trait Templates: Send + Sync {
     /// Renders the template file `src` (looked up next to the playbook, then in the built-in
     /// `templates/`) with the task's variables.
     fn render_file(&self, src: &str) -> Result<String, String>;
+
+    /// Reads the file `src` on the controller machine (for `copy` with `src`), resolved like a template
+    /// (next to the playbook, then next to the inventory). The default refuses: a runner without files.
+    fn read_local_file(&self, src: &str) -> Result<Vec<u8>, String> {
+        Err(format!(
+            "cannot read the local file {src}: no playbook directory"
+        ))
+    }
 }
 
 /// What a module did (or would do, in check mode).
@@ -110,13 +118,22 @@ impl Outcome {
 #[error("{message}")]
 pub struct ModuleError {
     pub message: String,
+    /// Data for `register` even on failure (e.g. `rc`, `stdout`, `stderr` of a failed `command`), so that
+    /// a task with `ignore_errors` can look at them.
+    pub data: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ModuleError {
     pub fn new(message: impl Into<String>) -> Self {
         ModuleError {
             message: message.into(),
+            data: serde_json::Map::new(),
         }
+    }
+
+    pub fn with_data(mut self, data: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.data = data;
+        self
     }
 }
 
@@ -212,6 +229,19 @@ pub enum FileKind {
     Other,
 }
 
+impl FileKind {
+    /// "file", "directory", … for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FileKind::Absent => "absent",
+            FileKind::File => "a file",
+            FileKind::Directory => "a directory",
+            FileKind::Link => "a symlink",
+            FileKind::Other => "a special file",
+        }
+    }
+}
+
 /// The state of one path on the host.
 #[derive(Debug, Clone)]
 pub struct FileState {
@@ -220,25 +250,92 @@ pub struct FileState {
     pub mode: u32,
     pub owner: String,
     pub group: String,
+    pub uid: u32,
+    pub gid: u32,
     /// Where a symlink points.
     pub link_target: Option<String>,
     /// The content of a regular file, when asked for.
     pub content: Option<Vec<u8>>,
+    /// The hex SHA-256 of a regular file's content, when asked for ([`Read::Sha256`]).
+    pub sha256: Option<String>,
 }
+
+impl FileState {
+    fn absent() -> Self {
+        FileState {
+            kind: FileKind::Absent,
+            mode: 0,
+            owner: String::new(),
+            group: String::new(),
+            uid: 0,
+            gid: 0,
+            link_target: None,
+            content: None,
+            sha256: None,
+        }
+    }
+}
+
+/// How much of a regular file [`stat_with`] reads besides its metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    Meta,
+    /// The whole content (base64 over the wire): for files small enough to diff.
+    Content,
+    /// Only `sha256sum` of the content: for big files, compared without downloading them.
+    Sha256,
+    /// The content when it is at most [`DIFF_MAX_BYTES`] long, else its SHA-256: to compare a file with
+    /// what it should hold, diffing it when a diff is readable.
+    Compare,
+}
+
+/// Files up to this size are downloaded to compare and diff them; bigger ones are compared by SHA-256.
+pub const DIFF_MAX_BYTES: usize = 256 * 1024;
 
 /// Reads `path`'s kind, mode, owner, group, link target and (if `with_content` and a regular file) its
 /// content, in one round trip. Does not follow a symlink at `path` itself.
 pub async fn stat(ctx: &Ctx<'_>, path: &str, with_content: bool) -> Result<FileState, ModuleError> {
+    stat_with(
+        ctx,
+        path,
+        if with_content {
+            Read::Content
+        } else {
+            Read::Meta
+        },
+    )
+    .await
+}
+
+/// [`stat`], reading as much of a regular file as `read` says, in one round trip.
+pub async fn stat_with(ctx: &Ctx<'_>, path: &str, read: Read) -> Result<FileState, ModuleError> {
     let p = quote(path);
     let mut script = format!(
-        "if [ -e {p} ] || [ -L {p} ]; then stat -c '%F|%a|%U|%G' -- {p} || exit 3; \
+        "if [ -e {p} ] || [ -L {p} ]; then stat -c '%F|%a|%U|%G|%u|%g' -- {p} || exit 3; \
          if [ -L {p} ]; then readlink -- {p}; else echo; fi"
     );
-    if with_content {
-        let _ = write!(
-            script,
-            "; if [ -f {p} ] && [ ! -L {p} ]; then base64 -w0 -- {p} || exit 3; fi"
-        );
+    match read {
+        Read::Meta => {}
+        Read::Content => {
+            let _ = write!(
+                script,
+                "; if [ -f {p} ] && [ ! -L {p} ]; then base64 -w0 -- {p} || exit 3; fi"
+            );
+        }
+        Read::Sha256 => {
+            let _ = write!(
+                script,
+                "; if [ -f {p} ] && [ ! -L {p} ]; then sha256sum < {p} || exit 3; fi"
+            );
+        }
+        Read::Compare => {
+            let _ = write!(
+                script,
+                "; if [ -f {p} ] && [ ! -L {p} ]; then \
+                 if [ \"$(stat -c %s -- {p})\" -le {DIFF_MAX_BYTES} ]; then printf b; base64 -w0 -- {p}; \
+                 else printf s; sha256sum < {p}; fi || exit 3; fi"
+            );
+        }
     }
     script.push_str("; else echo absent; fi");
     let out = ctx.run(script).await?;
@@ -248,18 +345,14 @@ pub async fn stat(ctx: &Ctx<'_>, path: &str, with_content: bool) -> Result<FileS
             out.error_text()
         )));
     }
-    let text = out.stdout_str();
+    parse_stat(path, &out.stdout_str(), read)
+}
+
+fn parse_stat(path: &str, text: &str, read: Read) -> Result<FileState, ModuleError> {
     let mut lines = text.split('\n');
     let first = lines.next().unwrap_or_default();
     if first == "absent" {
-        return Ok(FileState {
-            kind: FileKind::Absent,
-            mode: 0,
-            owner: String::new(),
-            group: String::new(),
-            link_target: None,
-            content: None,
-        });
+        return Ok(FileState::absent());
     }
     let mut fields = first.split('|');
     let kind = match fields.next().unwrap_or_default() {
@@ -271,17 +364,31 @@ pub async fn stat(ctx: &Ctx<'_>, path: &str, with_content: bool) -> Result<FileS
     let mode = u32::from_str_radix(fields.next().unwrap_or("0"), 8).unwrap_or(0);
     let owner = fields.next().unwrap_or_default().to_string();
     let group = fields.next().unwrap_or_default().to_string();
+    let uid = fields.next().unwrap_or_default().parse().unwrap_or(0);
+    let gid = fields.next().unwrap_or_default().parse().unwrap_or(0);
     let link = lines.next().unwrap_or_default();
-    let content = match lines.next() {
-        Some(b64) if with_content && kind == FileKind::File => {
+    let rest = lines.next().unwrap_or_default().trim();
+    let is_file = kind == FileKind::File;
+    // Read::Compare says which of the two it sent with a leading `b` (base64) or `s` (sha256sum).
+    let (read, rest) = match (read, rest.get(..1)) {
+        (Read::Compare, Some("s")) => (Read::Sha256, &rest[1..]),
+        (Read::Compare, _) => (Read::Content, rest.get(1..).unwrap_or_default()),
+        _ => (read, rest),
+    };
+    let content = match read {
+        Read::Content if is_file => {
             use base64::Engine as _;
             Some(
                 base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
+                    .decode(rest)
                     .map_err(|e| ModuleError::new(format!("cannot read {path}: {e}")))?,
             )
         }
-        _ if with_content && kind == FileKind::File => Some(Vec::new()),
+        _ => None,
+    };
+    let sha256 = match read {
+        // `sha256sum < file` prints "HEX  -".
+        Read::Sha256 if is_file => Some(rest.split(' ').next().unwrap_or_default().to_string()),
         _ => None,
     };
     Ok(FileState {
@@ -289,9 +396,18 @@ pub async fn stat(ctx: &Ctx<'_>, path: &str, with_content: bool) -> Result<FileS
         mode,
         owner,
         group,
+        uid,
+        gid,
         link_target: (kind == FileKind::Link).then(|| link.to_string()),
         content,
+        sha256,
     })
+}
+
+/// The hex SHA-256 of `bytes`, as `sha256sum` prints it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Attributes to set on a file written by [`put_file`].
@@ -303,9 +419,60 @@ pub struct FileAttrs {
     pub group: Option<String>,
 }
 
+impl FileAttrs {
+    /// What differs between `state` and these attributes, as "mode 0644 → 0600" lines; empty when
+    /// nothing does. An owner or group given as a number is compared with the numeric id.
+    pub fn changes(&self, state: &FileState) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(mode) = self.mode {
+            if mode != state.mode {
+                out.push(format!("mode {:04o} → {mode:04o}", state.mode));
+            }
+        }
+        let differs = |want: &str, name: &str, id: u32| want != name && want != id.to_string();
+        if let Some(owner) = &self.owner {
+            if differs(owner, &state.owner, state.uid) {
+                out.push(format!("owner {} → {owner}", state.owner));
+            }
+        }
+        if let Some(group) = &self.group {
+            if differs(group, &state.group, state.gid) {
+                out.push(format!("group {} → {group}", state.group));
+            }
+        }
+        out
+    }
+
+    /// Shell commands that set these attributes on `target` (already quoted, e.g. `"$tmp"` or a
+    /// [`quote`]d path), each followed by `; `. `-h` for a symlink itself.
+    pub fn script(&self, target: &str, no_deref: bool) -> String {
+        let mut script = String::new();
+        let h = if no_deref { "-h " } else { "" };
+        if let Some(mode) = self.mode {
+            if !no_deref {
+                let _ = write!(script, "chmod {mode:o} {target}; ");
+            }
+        }
+        match (&self.owner, &self.group) {
+            (Some(o), Some(g)) => {
+                let _ = write!(script, "chown {h}{}:{} {target}; ", quote(o), quote(g));
+            }
+            (Some(o), None) => {
+                let _ = write!(script, "chown {h}{} {target}; ", quote(o));
+            }
+            (None, Some(g)) => {
+                let _ = write!(script, "chgrp {h}{} {target}; ", quote(g));
+            }
+            (None, None) => {}
+        }
+        script
+    }
+}
+
 /// Writes `content` to `path` atomically (a temporary file in the same directory, then `mv`), with
 /// `attrs`, in one round trip. `validate` is a command with `%s` for the temporary file (e.g.
 /// `sshd -t -f %s`, `nft -c -f %s`); when it fails, nothing is replaced and the error shows its output.
+/// A new file without `attrs.mode` gets `0666` less the umask, as a shell redirection would.
 pub async fn put_file(
     ctx: &Ctx<'_>,
     path: &str,
@@ -318,26 +485,13 @@ pub async fn put_file(
         "set -e; tmp=$(mktemp -- {dir}/.cozy.XXXXXX); trap 'rm -f -- \"$tmp\"' EXIT; cat > \"$tmp\"; ",
         dir = quote(parent_dir(path))
     );
-    // Keep the existing attributes unless told otherwise, as an editor would.
+    // Keep the existing attributes unless told otherwise, as an editor would; mktemp's 0600 otherwise.
     let _ = write!(
         script,
-        "if [ -e {p} ]; then chmod --reference={p} \"$tmp\"; chown --reference={p} \"$tmp\"; fi; "
+        "if [ -e {p} ]; then chmod --reference={p} \"$tmp\"; chown --reference={p} \"$tmp\"; \
+         else chmod \"$(umask -S | tr -d x)\" \"$tmp\"; fi; "
     );
-    if let Some(mode) = attrs.mode {
-        let _ = write!(script, "chmod {mode:o} \"$tmp\"; ");
-    }
-    match (&attrs.owner, &attrs.group) {
-        (Some(o), Some(g)) => {
-            let _ = write!(script, "chown {}:{} \"$tmp\"; ", quote(o), quote(g));
-        }
-        (Some(o), None) => {
-            let _ = write!(script, "chown {} \"$tmp\"; ", quote(o));
-        }
-        (None, Some(g)) => {
-            let _ = write!(script, "chgrp {} \"$tmp\"; ", quote(g));
-        }
-        (None, None) => {}
-    }
+    script.push_str(&attrs.script("\"$tmp\"", false));
     if let Some(v) = validate {
         let cmd = v.replace("%s", "\"$tmp\"");
         let _ =
