@@ -98,6 +98,23 @@ impl Module for Nftables {
 
             // Gate 1: read.
             let (old, live_tables) = read_state(ctx, dest).await?;
+            let Some(live_tables) = live_tables else {
+                // In --check, the task that installs nftables has not really run: say what would
+                // happen rather than fail the whole check.
+                if !ctx.check {
+                    return Err(ModuleError::new(
+                        "nft is not installed on the host (apt package nftables)",
+                    ));
+                }
+                let diff = unified_diff(dest, old.as_deref().unwrap_or_default(), &candidate);
+                let mut outcome = Outcome::changed(diff);
+                outcome.notes.push(
+                    "nft is not installed yet, so the ruleset was not validated or checked for the \
+                     SSH port"
+                        .into(),
+                );
+                return Ok(outcome);
+            };
             let missing: Vec<String> = declared_tables(&candidate)
                 .into_iter()
                 .filter(|t| !live_tables.contains(t))
@@ -161,16 +178,16 @@ impl Module for Nftables {
     }
 }
 
-/// The content of `dest` (`None`: absent) and the live tables (`inet filter`, …), in one round trip.
+/// The content of `dest` (`None`: absent) and the live tables (`inet filter`, …; `None`: nft is not
+/// installed), in one round trip.
 async fn read_state(
     ctx: &Ctx<'_>,
     dest: &str,
-) -> Result<(Option<String>, BTreeSet<String>), ModuleError> {
+) -> Result<(Option<String>, Option<BTreeSet<String>>), ModuleError> {
     let d = quote(dest);
     let script = format!(
-        "command -v nft >/dev/null || {{ echo 'nft is not installed (apt package nftables)' >&2; exit 4; }}\n\
-         if [ -f {d} ]; then printf b; base64 -w0 -- {d} || exit 3; fi; echo\n\
-         nft list tables || exit 5"
+        "if [ -f {d} ]; then printf b; base64 -w0 -- {d} || exit 3; fi; echo\n\
+         if command -v nft >/dev/null; then nft list tables || exit 5; else echo no-nft; fi"
     );
     let out = ctx.run(script).await?;
     if !out.success() {
@@ -191,12 +208,15 @@ async fn read_state(
         }
         None => None,
     };
+    if tables.trim() == "no-nft" {
+        return Ok((old, None));
+    }
     let live = tables
         .lines()
         .filter_map(|l| l.trim().strip_prefix("table "))
         .map(str::to_string)
         .collect();
-    Ok((old, live))
+    Ok((old, Some(live)))
 }
 
 /// The tables a ruleset file declares, as `nft list tables` names them (`inet filter`; the family
@@ -1164,5 +1184,22 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with("cozy-nft."))
             .count();
         assert_eq!(leftovers, 0, "state directory or timer left behind");
+    }
+
+    #[tokio::test]
+    async fn without_nft_check_mode_reports_the_change_and_a_real_run_fails() {
+        // A host where nftables is not installed yet (an earlier task of the play installs it).
+        let host = LocalTransport::new("no-nft")
+            .with_wrapper(vec!["env".into(), "PATH=/usr/bin:/bin".into()]);
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("nftables.conf");
+        let args = serde_json::json!({"content": GOOD, "dest": dest});
+
+        let checked = apply(&host, args.clone(), true).await.unwrap();
+        assert!(checked.changed);
+        assert!(checked.notes[0].contains("not installed"), "{checked:?}");
+        let err = apply(&host, args, false).await.unwrap_err();
+        assert!(err.message.contains("apt package nftables"), "{err}");
+        assert!(!dest.exists());
     }
 }
