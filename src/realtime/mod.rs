@@ -7,12 +7,15 @@
 //!   reservation transitions into sequenced `reservation` frames exactly once.
 //! - [`presence`]: who is in a room, per user, cluster-wide in Redis with expiry (in memory on the
 //!   embedded default).
+//! - [`announce`]: presence changes as `presence` frames, throttled to one per room per 50 ms so a
+//!   room that N members join costs O(N) frames, not O(N²).
 //! - [`bus`]: fan-out between workers (Redis pub/sub, or in-process).
 //! - [`hub`]: this worker's rooms and subscribers; delivers each room in `seq` order, holding back a gap
 //!   briefly and filling it from the database.
 //! - [`ws`]: one WebSocket connection: hello/auth, heartbeats, limits, bounded outbound queue.
 //! - [`service`]: the pieces wired together, plus the outbox publisher, presence keeper and retention.
 
+pub mod announce;
 pub mod bus;
 pub mod frames;
 pub mod hub;

@@ -3,8 +3,8 @@
 //! The contract (realtime-protocol.md) counts presence per *user*: two tabs are one member with
 //! `connections: 2`, and the user leaves only when the last connection is gone — closed, dropped for
 //! missed heartbeats, or held by a worker that was killed. This module keeps that state and computes
-//! the transitions ([`Change`]); the hub turns them into `presence` frames ([`presence_frames`]) and
-//! broadcasts them. It does no I/O besides its store and knows nothing of sockets.
+//! the transitions ([`Change`]); the announcer (`announce.rs`) turns them into `presence` frames
+//! ([`presence_frames`]), at most one per room every 50 ms, and broadcasts them. It does no I/O besides its store and knows nothing of sockets.
 //!
 //! # Shape of the state
 //! Every connection is an entry `(room, user, conn)` with an expiry instant. A worker refreshes the
@@ -405,7 +405,7 @@ fn ttl_ms(ttl: Duration) -> Millis {
 }
 
 /// Keeps only the last change of each `(room, user)`, in first-seen order.
-fn last_per_user(changes: Vec<Change>) -> Vec<Change> {
+pub(crate) fn last_per_user(changes: Vec<Change>) -> Vec<Change> {
     let mut index: HashMap<(String, i64), usize> = HashMap::new();
     let mut out: Vec<Change> = Vec::with_capacity(changes.len());
     for change in changes {

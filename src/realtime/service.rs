@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
+use super::announce;
 use super::bus::{self, Bus, BusEvent};
-use super::frames::ServerFrame;
 use super::hub::Hub;
-use super::presence::{presence_frames, Change, Presence};
+use super::presence::{Change, Presence};
 use super::store::Store;
 use crate::config::Settings;
 use crate::db::Db;
@@ -32,6 +32,8 @@ pub struct Realtime {
     pub presence: Presence,
     pub bus: Bus,
     pub hub: Hub,
+    /// Presence changes to announce (the announcer task throttles them per room).
+    announcer: mpsc::UnboundedSender<Vec<Change>>,
     pub(super) draining: watch::Receiver<bool>,
     outbox_kick: Notify,
     open: AtomicUsize,
@@ -76,12 +78,14 @@ impl Realtime {
             ),
         };
         let hub = Hub::start(store.clone(), bus.subscribe(), resubscribed);
+        let announcer = announce::start(bus.clone());
         let rt = Arc::new(Realtime {
             settings,
             store,
             presence,
             bus,
             hub,
+            announcer,
             draining,
             outbox_kick: Notify::new(),
             open: AtomicUsize::new(0),
@@ -129,20 +133,10 @@ impl Realtime {
         let _ = tokio::time::timeout(timeout, wait).await;
     }
 
-    /// Broadcasts presence changes as `presence` frames, one per room.
-    pub async fn announce(&self, changes: Vec<Change>) {
-        for frame in presence_frames(&changes) {
-            let ServerFrame::Presence { room, .. } = &frame else {
-                continue;
-            };
-            self.bus
-                .publish(BusEvent::Ephemeral {
-                    room: room.clone(),
-                    frame: frame.to_text(),
-                    exclude_user: None,
-                })
-                .await;
-        }
+    /// Announces presence changes: `presence` frames on the bus, at once or, within 50 ms of the room's
+    /// previous frame, together with the others of that window (see [`announce`]).
+    pub fn announce(&self, changes: Vec<Change>) {
+        let _ = self.announcer.send(changes);
     }
 }
 
@@ -217,7 +211,7 @@ async fn presence_keeper(rt: std::sync::Weak<Realtime>) {
             }
         }
         if !changes.is_empty() {
-            r.announce(changes).await;
+            r.announce(changes);
         }
     }
 }

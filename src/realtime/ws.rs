@@ -473,7 +473,7 @@ impl Conn {
             .join(&room, self.user_id, &self.conn_name, now)
             .await
         {
-            Ok(Some(change)) => self.rt.announce(vec![change]).await,
+            Ok(Some(change)) => self.rt.announce(vec![change]),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, room, "realtime: presence join failed"),
         }
@@ -613,7 +613,7 @@ impl Conn {
             .leave(room, self.user_id, &self.conn_name)
             .await
         {
-            Ok(Some(change)) => self.rt.announce(vec![change]).await,
+            Ok(Some(change)) => self.rt.announce(vec![change]),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, room, "realtime: presence leave failed"),
         }
