@@ -57,9 +57,11 @@ impl TemplateDirs {
         let candidates: Vec<PathBuf> = if std::path::Path::new(name).is_absolute() {
             vec![PathBuf::from(name)]
         } else {
+            // `DIR/templates` → `DIR/files/NAME`, then `DIR/NAME` (Ansible's layout, and a plain one).
             self.dirs
                 .iter()
-                .filter_map(|d| d.parent().map(|p| p.join(name)))
+                .filter_map(|d| d.parent())
+                .flat_map(|base| [base.join("files").join(name), base.join(name)])
                 .collect()
         };
         for path in &candidates {
@@ -152,7 +154,9 @@ impl Renderer {
         // Strict mode only catches undefined values that are printed or iterated; an expression that
         // *is* undefined (a misspelt variable) must fail too.
         if value.is_undefined() {
-            return Err(format!("`{expr}` is undefined (a misspelt or missing variable?)"));
+            return Err(format!(
+                "`{expr}` is undefined (a misspelt or missing variable?)"
+            ));
         }
         Ok(value)
     }
@@ -216,6 +220,10 @@ pub struct TaskTemplates<'a> {
 impl Templates for TaskTemplates<'_> {
     fn render_file(&self, src: &str) -> Result<String, String> {
         self.renderer.render_file(src, &self.vars)
+    }
+
+    fn read_local_file(&self, src: &str) -> Result<Vec<u8>, String> {
+        self.renderer.dirs().read_file(src)
     }
 }
 

@@ -487,6 +487,7 @@ async fn run_task(
                 result.outcome.data.extend(outcome.data);
             }
             Err(e) => {
+                result.outcome.data.extend(e.data.clone());
                 result.error = Some(match &item {
                     Some(i) => format!("item {i}: {e}"),
                     None => e.to_string(),
