@@ -209,6 +209,17 @@ impl Service {
             )));
         }
         let unit = parse_show(&out.stdout_str());
+        // In check mode an earlier task may only have *planned* to install the unit's package: say what
+        // would be done instead of failing the whole check.
+        if ctx.check && unit.load == "not-found" && self.args.masked != Some(true) {
+            let mut outcome = Outcome::changed(Some(format!(
+                "service {name}: not installed yet; would be set up once an earlier task installs it"
+            )));
+            outcome.notes.push(format!(
+                "service {name} does not exist yet (check mode: assuming an earlier task installs it)"
+            ));
+            return Ok(outcome);
+        }
         let steps = plan(&self.args, &unit).map_err(ModuleError::new)?;
         if steps.is_empty() {
             return Ok(Outcome::unchanged());
@@ -216,11 +227,15 @@ impl Service {
         if !ctx.check {
             let mut script = String::new();
             for (verb, _) in &steps {
-                // A unit that fails to start: show why (its status and last log lines).
-                script.push_str(&format!(
-                    "if ! systemctl {verb} -- {n}; then \
-                       systemctl status --no-pager -n 10 -- {n} >&2; exit 1; fi; "
-                ));
+                if matches!(*verb, "start" | "restart" | "reload-or-restart") {
+                    // A unit that fails to start: show why (its status and last log lines).
+                    script.push_str(&format!(
+                        "if ! systemctl {verb} -- {n}; then \
+                           systemctl status --no-pager -n 10 -- {n} >&2; exit 1; fi; "
+                    ));
+                } else {
+                    script.push_str(&format!("systemctl {verb} -- {n} || exit 1; "));
+                }
             }
             let verbs: Vec<&str> = steps.iter().map(|(v, _)| *v).collect();
             ctx.run_ok(
