@@ -2,6 +2,7 @@
 //! linking happens once.
 
 mod harden;
+mod modules_system;
 mod playbooks;
 mod scene;
 mod testbed;
