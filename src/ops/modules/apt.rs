@@ -417,8 +417,9 @@ impl Apt {
         let mut p = plan(args, &st);
         let wants_fresh =
             args.state == State::Latest || (args.state == State::Present && !p.install.is_empty());
+        // `update_cache: false` means never; otherwise stale lists, or a name apt does not know yet.
         let need_update =
-            (args.update_cache && wants_fresh && is_stale(args, &st)) || !p.unknown.is_empty();
+            args.update_cache && ((wants_fresh && is_stale(args, &st)) || !p.unknown.is_empty());
         if need_update && args.state != State::Absent {
             if ctx.check {
                 if !p.unknown.is_empty() {
