@@ -2,10 +2,10 @@
 //!
 //! Order of a run: connect the subscribers (64 handshakes in flight), then the publishers (room
 //! members too: cozy lets only subscribers publish, and both servers deliver to them as well — their
-//! copies are read but not counted); wait until nothing has arrived for a second (cozy announces every
-//! join to the room as a presence frame, N²/2 frames for N joins); publish for `warmup` seconds, then
-//! measure for `secs`; stop publishing and wait for the stragglers; check that every subscriber got
-//! every message exactly once.
+//! copies are read but not counted); wait until nothing has arrived for a second (cozy announces the
+//! joins as presence frames: at most one per room every 50 ms since `afc1118`, one per join — N²/2
+//! for N joins — before); publish for `warmup` seconds, then measure for `secs`; stop publishing and
+//! wait for the stragglers; check that every subscriber got every message exactly once.
 //!
 //! Two ways to pace the publishers:
 //! - **rate**: R messages per second in total, whatever happens (open loop). If the server keeps up,
