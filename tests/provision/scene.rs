@@ -47,15 +47,16 @@ impl Scene {
 
     /// `cozy provision -i inventory.yml --known-hosts … ARGS`.
     pub fn provision(&self, args: &[&str]) -> Output {
-        cozy(
-            &[
-                &["provision", "-i"],
-                &[self.path("inventory.yml").to_str().unwrap()],
-                &["--known-hosts", self.known_hosts.to_str().unwrap()],
-                args,
-            ]
-            .concat(),
-        )
+        let inventory = self.path("inventory.yml");
+        let mut all = vec![
+            "provision",
+            "-i",
+            inventory.to_str().unwrap(),
+            "--known-hosts",
+            self.known_hosts.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        cozy(&all)
     }
 
     /// Like [`Scene::provision`] with `--json`; returns the exit code and the recap.

@@ -80,19 +80,19 @@ impl Testbed {
     }
 
     /// Runs `script` as root inside `host` without SSH: the ground truth the tests compare with.
-    pub fn exec(&self, host: &TestHost, script: &str) -> Output {
+    pub fn exec(&self, host: &TestHost, cmd: &str) -> Output {
         Command::new(script())
-            .args(["exec", &host.name, "sh", "-c", script])
+            .args(["exec", &host.name, "sh", "-c", cmd])
             .output()
             .expect("run testbed exec")
     }
 
     /// Like [`Testbed::exec`], and the command must succeed; returns its stdout.
-    pub fn exec_ok(&self, host: &TestHost, script: &str) -> String {
-        let out = self.exec(host, script);
+    pub fn exec_ok(&self, host: &TestHost, cmd: &str) -> String {
+        let out = self.exec(host, cmd);
         assert!(
             out.status.success(),
-            "on {}: `{script}` failed: {}{}",
+            "on {}: `{cmd}` failed: {}{}",
             host.name,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)

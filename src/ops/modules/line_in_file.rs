@@ -196,6 +196,16 @@ impl Module for LineInFile {
                     return Ok(Outcome::unchanged())
                 }
                 FileKind::Absent if self.args.create => String::new(),
+                // In check mode an earlier task may only have *planned* to install the file's package.
+                FileKind::Absent if ctx.check => {
+                    let mut outcome = Outcome::changed(Some(format!(
+                        "{path}: does not exist yet; would be edited once an earlier task creates it"
+                    )));
+                    outcome.notes.push(format!(
+                        "{path} does not exist yet (check mode: assuming an earlier task creates it)"
+                    ));
+                    return Ok(outcome);
+                }
                 FileKind::Absent => {
                     return Err(ModuleError::new(format!(
                         "{path} does not exist (set `create: true` to create it)"
