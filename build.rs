@@ -44,7 +44,10 @@ fn main() {
     std::fs::write(dest, out).unwrap();
 
     let mut out = String::new();
-    for (name, dir) in [("PLAYBOOKS", "playbooks"), ("TEMPLATES", "templates/provision")] {
+    for (name, dir) in [
+        ("PLAYBOOKS", "playbooks"),
+        ("TEMPLATES", "templates/provision"),
+    ] {
         let dir = Path::new(&manifest_dir).join(dir);
         println!("cargo:rerun-if-changed={}", dir.display());
         let mut files = Vec::new();
@@ -53,7 +56,12 @@ fn main() {
         writeln!(out, "pub static {name}: &[(&str, &str)] = &[").unwrap();
         for f in files {
             let rel = f.strip_prefix(&dir).unwrap().to_string_lossy().to_string();
-            writeln!(out, "    ({rel:?}, include_str!({:?})),", f.display().to_string()).unwrap();
+            writeln!(
+                out,
+                "    ({rel:?}, include_str!({:?})),",
+                f.display().to_string()
+            )
+            .unwrap();
         }
         writeln!(out, "];").unwrap();
     }
@@ -71,7 +79,10 @@ fn collect_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
         if path.is_dir() {
             println!("cargo:rerun-if-changed={}", path.display());
             collect_files(&path, files);
-        } else if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+        } else if !path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
             files.push(path);
         }
     }

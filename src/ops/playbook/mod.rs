@@ -13,9 +13,9 @@
 pub mod builtin;
 pub mod model;
 pub mod parse;
-pub mod yaml;
 pub mod render;
 pub mod report;
 pub mod run;
+pub mod yaml;
 
 pub use model::{Location, Loop, ParseError, Play, Playbook, Task};
