@@ -156,14 +156,8 @@ fn target(inventory: &Inventory, h: &HostSpec) -> HostTarget {
         .collect();
     groups.push("all".into());
     HostTarget {
-        name: h.name.clone(),
-        address: h.address.clone(),
-        port: h.port,
-        user: h.user.clone(),
-        bootstrap_user: h.bootstrap_user.clone(),
-        ssh_key: h.ssh_key.clone(),
+        spec: h.clone(),
         groups,
-        vars: h.vars.clone(),
     }
 }
 

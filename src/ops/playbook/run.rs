@@ -21,24 +21,24 @@ use super::render::{Renderer, TaskTemplates, TemplateDirs};
 use super::report::{Reporter, TaskEvent, TaskStatus};
 use super::{Loop, Play, Playbook, Task};
 use crate::ops::facts::Facts;
+use crate::ops::inventory::HostSpec;
 use crate::ops::modules::{Ctx, Outcome};
 use crate::ops::transport::{quote, Command, Transport};
 
-/// One host to run on, with its connection settings and variables.
+/// One host to run on: its inventory entry (connection settings, variables) and the groups it is in
+/// (for `hosts:` patterns; `all` included).
 #[derive(Debug, Clone)]
 pub struct HostTarget {
-    /// The inventory name (or `user@address` for an ad-hoc target).
-    pub name: String,
-    pub address: String,
-    pub port: u16,
-    pub user: String,
-    /// Used once, when logging in as `user` is refused: it creates `user`.
-    pub bootstrap_user: Option<String>,
-    /// `None`: the keys of ssh-agent.
-    pub ssh_key: Option<PathBuf>,
-    /// The groups the host is in (for `hosts:` patterns), `all` included.
+    pub spec: HostSpec,
     pub groups: Vec<String>,
-    pub vars: Map<String, Json>,
+}
+
+impl std::ops::Deref for HostTarget {
+    type Target = HostSpec;
+
+    fn deref(&self) -> &HostSpec {
+        &self.spec
+    }
 }
 
 /// Why a connection failed; `AuthRefused` lets the runner fall back to the bootstrap user.
@@ -237,44 +237,28 @@ async fn run_host(host: &HostTarget, shared: &Shared) -> HostRecap {
         })
         .sum();
     reporter.host_started(&host.name, total);
-    let facts_json = serde_json::to_value(&facts).expect("plain struct");
-    let mut registered = Map::new();
-    let mut index = 0;
+    let mut run = HostRun {
+        host,
+        shared,
+        transport: &*transport,
+        facts_json: serde_json::to_value(&facts).expect("plain struct"),
+        facts,
+        recap,
+        registered: Map::new(),
+        index: 0,
+    };
     for (renderer, play) in plays {
         let mut notified: HashSet<&str> = HashSet::new();
-        let mut failed = false;
         for task in play
             .tasks
             .iter()
             .filter(|t| tags_match(t, &shared.opts.tags))
         {
-            index += 1;
-            let vars = variables(play, host, &shared.opts, &registered, &facts_json);
-            let ok = run_one(
-                task,
-                play,
-                index,
-                renderer,
-                &vars,
-                &*transport,
-                &facts,
-                host,
-                shared,
-                &mut recap,
-                &mut registered,
-            )
-            .await;
-            match ok {
+            match run.step(task, play, renderer).await {
                 Some(true) => notified.extend(task.notify.iter().map(String::as_str)),
                 Some(false) => {}
-                None => {
-                    failed = true;
-                    break;
-                }
+                None => return run.recap,
             }
-        }
-        if failed {
-            return recap;
         }
         let handlers: Vec<&Task> = play
             .handlers
@@ -285,93 +269,92 @@ async fn run_host(host: &HostTarget, shared: &Shared) -> HostRecap {
             reporter.add_tasks(&host.name, handlers.len());
         }
         for handler in handlers {
-            index += 1;
-            let vars = variables(play, host, &shared.opts, &registered, &facts_json);
-            let ok = run_one(
-                handler,
-                play,
-                index,
-                renderer,
-                &vars,
-                &*transport,
-                &facts,
-                host,
-                shared,
-                &mut recap,
-                &mut registered,
-            )
-            .await;
-            if ok.is_none() {
-                return recap;
+            if run.step(handler, play, renderer).await.is_none() {
+                return run.recap;
             }
         }
     }
-    recap
+    run.recap
 }
 
-/// Runs one task (all its loop items) and books the result. `Some(changed)`, or `None` when the host
-/// must stop.
-#[allow(clippy::too_many_arguments)]
-async fn run_one(
-    task: &Task,
-    play: &Play,
+/// One host's run in progress: its connection, facts, results so far and registered variables.
+struct HostRun<'a> {
+    host: &'a HostTarget,
+    shared: &'a Shared,
+    transport: &'a dyn Transport,
+    facts: Facts,
+    facts_json: Json,
+    recap: HostRecap,
+    registered: Map<String, Json>,
+    /// The number of the task being run (for the progress bar).
     index: usize,
-    renderer: &Renderer,
-    vars: &Map<String, Json>,
-    transport: &dyn Transport,
-    facts: &Facts,
-    host: &HostTarget,
-    shared: &Shared,
-    recap: &mut HostRecap,
-    registered: &mut Map<String, Json>,
-) -> Option<bool> {
-    let reporter = &shared.reporter;
-    let display = task_name(task, renderer, vars);
-    reporter.task_started(&host.name, index, &display);
-    let result = run_task(task, play, renderer, vars, transport, facts, &shared.opts).await;
-    let status = match (&result.error, result.skipped, result.outcome.changed) {
-        (Some(_), _, _) if task.ignore_errors => TaskStatus::Ignored,
-        (Some(_), _, _) => TaskStatus::Failed,
-        (None, true, _) => TaskStatus::Skipped,
-        (None, false, true) => TaskStatus::Changed,
-        (None, false, false) => TaskStatus::Ok,
-    };
-    match status {
-        TaskStatus::Ok | TaskStatus::Ignored => recap.ok += 1,
-        TaskStatus::Changed => {
-            recap.ok += 1;
-            recap.changed += 1;
+}
+
+impl HostRun<'_> {
+    /// Runs one task (all its loop items) and books the result. `Some(changed)`, or `None` when the
+    /// host must stop.
+    async fn step(&mut self, task: &Task, play: &Play, renderer: &Renderer) -> Option<bool> {
+        self.index += 1;
+        let (host, shared) = (self.host, self.shared);
+        let vars = variables(play, host, &shared.opts, &self.registered, &self.facts_json);
+        let reporter = &shared.reporter;
+        let display = task_name(task, renderer, &vars);
+        reporter.task_started(&host.name, self.index, &display);
+        let result = run_task(
+            task,
+            play,
+            renderer,
+            &vars,
+            self.transport,
+            &self.facts,
+            &shared.opts,
+        )
+        .await;
+        let status = match (&result.error, result.skipped, result.outcome.changed) {
+            (Some(_), _, _) if task.ignore_errors => TaskStatus::Ignored,
+            (Some(_), _, _) => TaskStatus::Failed,
+            (None, true, _) => TaskStatus::Skipped,
+            (None, false, true) => TaskStatus::Changed,
+            (None, false, false) => TaskStatus::Ok,
+        };
+        let recap = &mut self.recap;
+        match status {
+            TaskStatus::Ok | TaskStatus::Ignored => recap.ok += 1,
+            TaskStatus::Changed => {
+                recap.ok += 1;
+                recap.changed += 1;
+            }
+            TaskStatus::Skipped => recap.skipped += 1,
+            TaskStatus::Failed => recap.failed += 1,
         }
-        TaskStatus::Skipped => recap.skipped += 1,
-        TaskStatus::Failed => recap.failed += 1,
+        let error = result
+            .error
+            .as_ref()
+            .map(|e| format!("task `{display}` ({}): {e}", task.location));
+        reporter.task_finished(
+            &host.name,
+            &TaskEvent {
+                index: self.index,
+                name: &display,
+                status,
+                diff: result.outcome.diff.as_deref(),
+                notes: &result.outcome.notes,
+                error: error.as_deref(),
+            },
+        );
+        if let Some(reg) = &task.register {
+            let mut data = result.outcome.data.clone();
+            data.insert("changed".into(), Json::Bool(result.outcome.changed));
+            data.insert("failed".into(), Json::Bool(result.error.is_some()));
+            data.insert("skipped".into(), Json::Bool(result.skipped));
+            self.registered.insert(reg.clone(), Json::Object(data));
+        }
+        if status == TaskStatus::Failed {
+            self.recap.error = error;
+            return None;
+        }
+        Some(status == TaskStatus::Changed)
     }
-    let error = result
-        .error
-        .as_ref()
-        .map(|e| format!("task `{display}` ({}): {e}", task.location));
-    reporter.task_finished(
-        &host.name,
-        &TaskEvent {
-            index,
-            name: &display,
-            status,
-            diff: result.outcome.diff.as_deref(),
-            notes: &result.outcome.notes,
-            error: error.as_deref(),
-        },
-    );
-    if let Some(reg) = &task.register {
-        let mut data = result.outcome.data.clone();
-        data.insert("changed".into(), Json::Bool(result.outcome.changed));
-        data.insert("failed".into(), Json::Bool(result.error.is_some()));
-        data.insert("skipped".into(), Json::Bool(result.skipped));
-        registered.insert(reg.clone(), Json::Object(data));
-    }
-    if status == TaskStatus::Failed {
-        recap.error = error;
-        return None;
-    }
-    Some(status == TaskStatus::Changed)
 }
 
 struct TaskResult {
