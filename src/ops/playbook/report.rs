@@ -45,6 +45,8 @@ pub struct TaskEvent<'a> {
     pub diff: Option<&'a str>,
     pub notes: &'a [String],
     pub error: Option<&'a str>,
+    /// How long the task took on this host.
+    pub elapsed: std::time::Duration,
 }
 
 /// Receives the runner's progress; implementations must be cheap (they are called for every task).
@@ -216,7 +218,13 @@ impl Reporter for Bars {
 fn event_text(host: &str, e: &TaskEvent<'_>, show_diff: bool, always: bool) -> String {
     let mut text = String::new();
     if always || e.status != TaskStatus::Ok {
-        let _ = writeln!(text, "{host} | {} | {}", e.status.label(), e.name);
+        let _ = writeln!(
+            text,
+            "{host} | {} | {} ({:.1} s)",
+            e.status.label(),
+            e.name,
+            e.elapsed.as_secs_f64()
+        );
     }
     if show_diff {
         if let Some(diff) = e.diff {

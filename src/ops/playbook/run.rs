@@ -300,6 +300,7 @@ impl HostRun<'_> {
         let reporter = &shared.reporter;
         let display = task_name(task, renderer, &vars);
         reporter.task_started(&host.name, self.index, &display);
+        let started = std::time::Instant::now();
         let result = run_task(
             task,
             play,
@@ -340,6 +341,7 @@ impl HostRun<'_> {
                 diff: result.outcome.diff.as_deref(),
                 notes: &result.outcome.notes,
                 error: error.as_deref(),
+                elapsed: started.elapsed(),
             },
         );
         if let Some(reg) = &task.register {
