@@ -157,6 +157,8 @@ async fn outbox_publisher(rt: std::sync::Weak<Realtime>) {
                             .await;
                     }
                 }
+                // The daemon is stopping: what is left is drained by the next start.
+                Err(_) if r.store.is_closed() => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "realtime: cannot drain the outbox; retrying");
                     break;
