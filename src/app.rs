@@ -38,12 +38,16 @@ impl App {
     pub async fn open(settings: Settings) -> Result<App, AppError> {
         let db = Db::connect(&settings.database, settings.db_max_connections).await?;
         let sessions = match &settings.redis_url {
-            Some(url) => SessionStore::redis(url, settings.session_ttl)
-                .await
-                .map_err(|source| AppError::Redis {
-                    url: crate::config::redact(url),
-                    source,
-                })?,
+            Some(url) => SessionStore::redis(
+                url,
+                &crate::realtime::bus::namespace(&settings.database.url()),
+                settings.session_ttl,
+            )
+            .await
+            .map_err(|source| AppError::Redis {
+                url: crate::config::redact(url),
+                source,
+            })?,
             None => SessionStore::database(db.clone(), settings.session_ttl),
         };
         let gateway = Arc::new(SandboxGateway::new(db.clone(), settings.gateway_delay));

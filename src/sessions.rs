@@ -37,6 +37,9 @@ pub enum SessionStore {
     Redis {
         conn: redis::aio::ConnectionManager,
         ttl: Duration,
+        /// `cozy:session:<namespace>:`, the namespace being the installation's (its database), so that
+        /// two installations sharing one Redis never accept each other's tokens.
+        prefix: String,
     },
     Db {
         db: Db,
@@ -48,18 +51,24 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn redis_key(hash: &str) -> String {
-    format!("cozy:session:{hash}")
-}
-
 impl SessionStore {
-    pub async fn redis(url: &str, ttl: Duration) -> Result<SessionStore, SessionError> {
+    /// Sessions in Redis; `namespace` tells this installation's keys from another's on the same server
+    /// (see [`crate::realtime::bus::namespace`]).
+    pub async fn redis(
+        url: &str,
+        namespace: &str,
+        ttl: Duration,
+    ) -> Result<SessionStore, SessionError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(Duration::from_secs(3)));
         let conn = redis::aio::ConnectionManager::new_with_config(client, config).await?;
-        Ok(SessionStore::Redis { conn, ttl })
+        Ok(SessionStore::Redis {
+            conn,
+            ttl,
+            prefix: format!("cozy:session:{namespace}:"),
+        })
     }
 
     pub fn database(db: Db, ttl: Duration) -> SessionStore {
@@ -88,11 +97,11 @@ impl SessionStore {
         let ttl = self.ttl();
         let expires_at = now + ttl.as_millis() as i64;
         match self {
-            SessionStore::Redis { conn, .. } => {
+            SessionStore::Redis { conn, prefix, .. } => {
                 let value = serde_json::to_string(user).unwrap_or_default();
                 let mut conn = conn.clone();
                 let _: () = conn
-                    .set_ex(redis_key(&hash), value, ttl.as_secs().max(1))
+                    .set_ex(format!("{prefix}{hash}"), value, ttl.as_secs().max(1))
                     .await?;
             }
             SessionStore::Db { db, .. } => {
@@ -113,10 +122,10 @@ impl SessionStore {
         let hash = token_hash(token);
         let ttl = self.ttl();
         match self {
-            SessionStore::Redis { conn, .. } => {
+            SessionStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 let value: Option<String> = redis::cmd("GETEX")
-                    .arg(redis_key(&hash))
+                    .arg(format!("{prefix}{hash}"))
                     .arg("EX")
                     .arg(ttl.as_secs().max(1))
                     .query_async(&mut conn)
@@ -157,9 +166,9 @@ impl SessionStore {
     pub async fn revoke(&self, token: &str) -> Result<(), SessionError> {
         let hash = token_hash(token);
         match self {
-            SessionStore::Redis { conn, .. } => {
+            SessionStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
-                let _: () = conn.del(redis_key(&hash)).await?;
+                let _: () = conn.del(format!("{prefix}{hash}")).await?;
             }
             SessionStore::Db { db, .. } => {
                 sqlx::query("DELETE FROM sessions WHERE token_hash = ?")

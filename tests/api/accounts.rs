@@ -271,3 +271,25 @@ backend_tests! {
         assert_eq!(app.db.scalar("SELECT COUNT(*) FROM users WHERE password_hash LIKE '%correct horse%'").await, 0);
     }
 }
+
+/// Two installations sharing one Redis (each with its own database): a token of one is worthless at
+/// the other, even where the same user id exists in both.
+#[tokio::test]
+async fn a_token_of_another_installation_on_the_same_redis_is_refused() {
+    let a = TestApp::spawn(crate::helpers::Backend::MySql).await;
+    let b = TestApp::spawn(crate::helpers::Backend::MySql).await;
+    let token_a = a.user("ada@example.com").await;
+    let token_b = b.user("bob@example.com").await;
+    assert_eq!(
+        a.get("/v1/reservations", &token_a).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.get("/v1/reservations", &token_b).await.status,
+        StatusCode::OK
+    );
+    let r = b.get("/v1/reservations", &token_a).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let r = a.get("/v1/reservations", &token_b).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+}
