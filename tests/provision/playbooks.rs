@@ -181,3 +181,42 @@ fn bad_playbooks_are_reported_at_their_location() {
     ]);
     assert!(text(&out).contains("state"), "{}", text(&out));
 }
+
+/// A login user without sudo: tasks that need root fail with a message about sudo, tasks that do not
+/// still run.
+#[test]
+fn a_user_without_sudo_is_told_so_and_unprivileged_tasks_still_run() {
+    let tb = Testbed::up(1);
+    let h = &tb.hosts[0];
+    let scene = Scene::new(
+        &tb,
+        &format!("  bob: {{address: {}, user: bob}}\n", h.address),
+    );
+    tb.exec_ok(
+        h,
+        &format!(
+            "useradd -m -s /bin/sh bob && install -d -m 700 -o bob -g bob ~bob/.ssh && \
+             install -m 600 -o bob -g bob {key} ~bob/.ssh/authorized_keys",
+            key = "/root/.ssh/authorized_keys"
+        ),
+    );
+    let playbook = scene.write(
+        "sudo.yml",
+        r#"
+- name: sudo
+  become: false
+  tasks:
+    - name: as bob
+      copy: {dest: /tmp/bob-was-here, content: "x\n"}
+    - name: as root
+      copy: {dest: /etc/bob-was-here, content: "x\n"}
+      become: true
+"#,
+    );
+    let out = scene.provision(&["bob", "-p", playbook.to_str().unwrap(), "--json"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("sudo"), "the error names sudo: {t}");
+    assert_eq!(tb.exec_ok(h, "stat -c %U /tmp/bob-was-here").trim(), "bob");
+    assert!(!tb.exec(h, "test -e /etc/bob-was-here").status.success());
+}
