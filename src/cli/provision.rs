@@ -12,8 +12,8 @@ use clap::Args;
 use serde_json::{Map, Value as Json};
 
 use crate::ops::connect::SshConnector;
-use crate::ops::inventory::{HostSpec, Inventory};
-use crate::ops::playbook::run::{self, HostTarget, RunOptions};
+use crate::ops::inventory::Inventory;
+use crate::ops::playbook::run::{self, RunOptions};
 use crate::ops::playbook::{builtin, parse, report, Playbook};
 
 const EXAMPLES: &str = "\
@@ -115,12 +115,11 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<u8> {
         }
     }
     let extra_vars = parse_vars(&args.vars)?;
-    let targets: Vec<HostTarget> = hosts.iter().map(|h| target(&inventory, h)).collect();
     let opts = RunOptions {
         check: args.check,
         diff: args.diff,
         tags: args.tags.clone(),
-        inventory_vars: inventory.vars.clone(),
+        inventory: Arc::new(inventory),
         extra_vars,
         forks: args.forks,
         inventory_dir,
@@ -131,7 +130,7 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<u8> {
     });
     let reporter: Arc<dyn report::Reporter> =
         Arc::from(report::for_output(args.json, args.diff || args.check));
-    let recap = run::run(targets, playbooks, opts, connector, reporter).await;
+    let recap = run::run(hosts, playbooks, opts, connector, reporter).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&recap.to_json())?);
     } else {
@@ -144,21 +143,6 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<u8> {
     } else {
         2
     })
-}
-
-/// A runner target from an inventory host (with its groups, for `hosts:` patterns).
-fn target(inventory: &Inventory, h: &HostSpec) -> HostTarget {
-    let mut groups: Vec<String> = inventory
-        .groups
-        .iter()
-        .filter(|g| g.hosts.contains(&h.name))
-        .map(|g| g.name.clone())
-        .collect();
-    groups.push("all".into());
-    HostTarget {
-        spec: h.clone(),
-        groups,
-    }
 }
 
 /// `-p NAME|FILE`: a file when one exists at that path; else `playbooks/NAME.yml` next to the inventory;

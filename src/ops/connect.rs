@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::ops::playbook::run::{ConnectError, Connector, HostTarget};
+use crate::ops::inventory::HostSpec;
+use crate::ops::playbook::run::{ConnectError, Connector};
 use crate::ops::ssh::{SshTarget, SshTransport};
 use crate::ops::transport::Transport;
 
@@ -20,7 +21,7 @@ pub struct SshConnector {
 }
 
 impl SshConnector {
-    fn target(&self, host: &HostTarget, user: &str) -> SshTarget {
+    fn target(&self, host: &HostSpec, user: &str) -> SshTarget {
         let mut t = SshTarget::new(host.name.clone(), host.address.clone(), user);
         t.port = host.port;
         t.key = host.ssh_key.clone();
@@ -33,7 +34,7 @@ impl SshConnector {
 impl Connector for SshConnector {
     fn connect<'a>(
         &'a self,
-        host: &'a HostTarget,
+        host: &'a HostSpec,
         user: &'a str,
     ) -> BoxFuture<'a, Result<Arc<dyn Transport>, ConnectError>> {
         Box::pin(async move {
@@ -45,7 +46,7 @@ impl Connector for SshConnector {
         })
     }
 
-    fn public_key<'a>(&'a self, host: &'a HostTarget) -> BoxFuture<'a, Result<String, String>> {
+    fn public_key<'a>(&'a self, host: &'a HostSpec) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             match &host.ssh_key {
                 Some(path) => {

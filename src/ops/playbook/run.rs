@@ -21,25 +21,9 @@ use super::render::{Renderer, TaskTemplates, TemplateDirs};
 use super::report::{Reporter, TaskEvent, TaskStatus};
 use super::{Loop, Play, Playbook, Task};
 use crate::ops::facts::Facts;
-use crate::ops::inventory::HostSpec;
+use crate::ops::inventory::{HostSpec, Inventory};
 use crate::ops::modules::{Ctx, Outcome};
 use crate::ops::transport::{quote, Command, Transport};
-
-/// One host to run on: its inventory entry (connection settings, variables) and the groups it is in
-/// (for `hosts:` patterns; `all` included).
-#[derive(Debug, Clone)]
-pub struct HostTarget {
-    pub spec: HostSpec,
-    pub groups: Vec<String>,
-}
-
-impl std::ops::Deref for HostTarget {
-    type Target = HostSpec;
-
-    fn deref(&self) -> &HostSpec {
-        &self.spec
-    }
-}
 
 /// Why a connection failed; `AuthRefused` lets the runner fall back to the bootstrap user.
 #[derive(Debug, Clone)]
@@ -61,13 +45,13 @@ pub trait Connector: Send + Sync {
     /// Logs in to `host` as `user`.
     fn connect<'a>(
         &'a self,
-        host: &'a HostTarget,
+        host: &'a HostSpec,
         user: &'a str,
     ) -> BoxFuture<'a, Result<Arc<dyn Transport>, ConnectError>>;
 
     /// The public key (an OpenSSH `authorized_keys` line) that [`Connector::connect`] authenticates
     /// with, installed for the login user during bootstrap.
-    fn public_key<'a>(&'a self, host: &'a HostTarget) -> BoxFuture<'a, Result<String, String>>;
+    fn public_key<'a>(&'a self, host: &'a HostSpec) -> BoxFuture<'a, Result<String, String>>;
 }
 
 /// What to run and how.
@@ -77,8 +61,8 @@ pub struct RunOptions {
     pub diff: bool,
     /// Only tasks with one of these tags (and tasks tagged `always`); empty: every task.
     pub tags: Vec<String>,
-    /// The inventory's `vars`.
-    pub inventory_vars: Map<String, Json>,
+    /// The inventory: its `vars` for every host, its groups for the plays' `hosts:` patterns.
+    pub inventory: Arc<Inventory>,
     /// `-e KEY=VALUE`: the highest precedence.
     pub extra_vars: Map<String, Json>,
     /// At most this many hosts at once (0: all).
@@ -136,7 +120,7 @@ struct Shared {
 
 /// Runs `playbooks` on `hosts`; never fails as a whole: each host's outcome is in the recap.
 pub async fn run(
-    hosts: Vec<HostTarget>,
+    hosts: Vec<HostSpec>,
     playbooks: Vec<Playbook>,
     opts: RunOptions,
     connector: Arc<dyn Connector>,
@@ -198,7 +182,7 @@ pub async fn run(
     recap
 }
 
-async fn run_host(host: &HostTarget, shared: &Shared) -> HostRecap {
+async fn run_host(host: &HostSpec, shared: &Shared) -> HostRecap {
     let reporter = &shared.reporter;
     reporter.host_connecting(&host.name);
     let mut recap = HostRecap::default();
@@ -225,7 +209,7 @@ async fn run_host(host: &HostTarget, shared: &Shared) -> HostRecap {
         .playbooks
         .iter()
         .flat_map(|(pb, r)| pb.plays.iter().map(move |p| (r, p)))
-        .filter(|(_, p)| pattern_matches(&p.hosts, host))
+        .filter(|(_, p)| shared.opts.inventory.pattern_matches(&p.hosts, &host.name))
         .collect();
     let total: usize = plays
         .iter()
@@ -279,7 +263,7 @@ async fn run_host(host: &HostTarget, shared: &Shared) -> HostRecap {
 
 /// One host's run in progress: its connection, facts, results so far and registered variables.
 struct HostRun<'a> {
-    host: &'a HostTarget,
+    host: &'a HostSpec,
     shared: &'a Shared,
     transport: &'a dyn Transport,
     facts: Facts,
@@ -494,14 +478,14 @@ async fn run_task(
 /// results, `-e`; plus `facts` and `inventory_hostname`.
 fn variables(
     play: &Play,
-    host: &HostTarget,
+    host: &HostSpec,
     opts: &RunOptions,
     registered: &Map<String, Json>,
     facts: &Json,
 ) -> Map<String, Json> {
     let mut vars = play.vars.clone();
     for layer in [
-        &opts.inventory_vars,
+        &opts.inventory.vars,
         &host.vars,
         registered,
         &opts.extra_vars,
@@ -531,20 +515,11 @@ fn tags_match(task: &Task, tags: &[String]) -> bool {
             .any(|t| t == "always" || tags.iter().any(|w| w == t))
 }
 
-/// A play's `hosts:`: host names and group names separated by `,` or `:`; `all` matches every host.
-pub fn pattern_matches(pattern: &str, host: &HostTarget) -> bool {
-    pattern
-        .split([',', ':'])
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .any(|p| p == "all" || p == host.name || host.groups.iter().any(|g| g == p))
-}
-
 /// Connects as the host's user; on a fresh host (that login refused, a `bootstrap_user` set) logs in as
 /// the bootstrap user, creates the login user with the key and passwordless sudo, and logs in again. In
 /// check mode nothing is created: the run goes on as the bootstrap user and says so.
 async fn connect(
-    host: &HostTarget,
+    host: &HostSpec,
     shared: &Shared,
 ) -> Result<(Arc<dyn Transport>, Option<String>), String> {
     let connector = &shared.connector;
