@@ -233,7 +233,10 @@ impl WsClient {
             .await;
         assert_eq!(reply["type"], "subscribed", "subscribe {room}: {reply}");
         assert_eq!(reply["room"], room, "{reply}");
-        (reply, before)
+        // The replay is this room's frames; live traffic of the client's other rooms may interleave
+        // (presence diffs are coalesced for up to 50 ms, so one can arrive after a later subscribe).
+        let replay = before.into_iter().filter(|f| f["room"] == room).collect();
+        (reply, replay)
     }
 
     async fn join(&mut self, room: &str) -> Value {
