@@ -152,6 +152,91 @@ async fn apt_installs_once_removes_and_check_mode_touches_nothing() {
     assert_eq!(h.sh_status("dpkg-query -W tree 2>/dev/null | grep -q ."), 1);
 }
 
+/// A package from another release in the same task as plain ones, with no `apt-get update` task of
+/// its own: the source file written after the last update makes the lists stale. Then an exact
+/// version below the installed one (a downgrade). hprof-conv: a small package that bookworm and
+/// bookworm-backports both carry, in different versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apt_installs_from_a_release_added_after_the_last_update_and_pins_versions() {
+    let h = Host::up().await;
+    let version = "dpkg-query -W -f='${Version}' hprof-conv 2>/dev/null || true";
+    // Fresh lists first (the state of a host after any apt task), then the new source.
+    assert!(
+        h.ok("apt", json!({"name": "tree"}), false).await.changed,
+        "tree was installed already"
+    );
+    h.sh(
+        "mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list); \
+         echo \"deb $mirror bookworm-backports main\" > /etc/apt/sources.list.d/test-backports.list",
+    );
+
+    let task = json!({"name": ["tree", "hprof-conv/bookworm-backports"]});
+    let planned = h.ok("apt", task.clone(), true).await;
+    assert!(planned.changed);
+    assert!(
+        planned
+            .notes
+            .iter()
+            .any(|n| n.contains("hprof-conv/bookworm-backports")),
+        "check mode should say the release is not in the lists yet: {:?}",
+        planned.notes
+    );
+    assert_eq!(h.sh(version), "", "check mode installed");
+
+    // Installing a package the fresh lists already know updates them first, because the new source
+    // is newer than the last update (cache_valid_time alone would say "fresh").
+    let in_lists = "apt-cache policy hprof-conv | grep -c bookworm-backports || true";
+    assert_eq!(h.sh(in_lists), "0");
+    assert!(h.ok("apt", json!({"name": "jq"}), false).await.changed);
+    assert_ne!(
+        h.sh(in_lists),
+        "0",
+        "the lists were not updated for the new source"
+    );
+
+    let done = h.converges("apt", task.clone()).await;
+    assert_eq!(
+        done.diff.as_deref(),
+        Some("+ install: hprof-conv/bookworm-backports")
+    );
+    let bpo = h.sh(version);
+    assert!(
+        bpo.contains("~bpo12"),
+        "installed {bpo:?}, not the backports version"
+    );
+    // A plain name is satisfied by the backports version; `latest` would not downgrade to bookworm's.
+    assert!(
+        !h.ok("apt", json!({"name": "hprof-conv"}), false)
+            .await
+            .changed
+    );
+
+    // Exactly bookworm's version: below the installed one.
+    let stable = h.sh("apt-cache madison hprof-conv | awk -F'|' '$3 ~ /bookworm\\/main/ {gsub(/ /, \"\", $2); print $2; exit}'");
+    assert!(!stable.is_empty() && !stable.contains("bpo"), "{stable:?}");
+    let pinned = json!({"name": format!("hprof-conv={stable}")});
+    let changed = h.converges("apt", pinned).await;
+    assert_eq!(
+        changed.diff,
+        Some(format!("↑ change: hprof-conv={stable} ({bpo} → {stable})"))
+    );
+    assert_eq!(h.sh(version), stable);
+
+    let err = h
+        .module(
+            "apt",
+            json!({"name": "hprof-conv/cozy-no-such-release"}),
+            false,
+        )
+        .await
+        .expect_err("an unknown release must fail");
+    assert!(
+        err.message.contains("cozy-no-such-release"),
+        "{}",
+        err.message
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_users_and_authorized_keys_converge() {
     let h = Host::up().await;
