@@ -124,9 +124,10 @@ fn base_and_harden_converge_once_and_leave_a_hardened_host() {
         "0"
     );
     // ssh-audit from outside: exit 0 means no failure and no warning.
-    let audit = std::process::Command::new("ssh-audit")
-        .arg(&h.address)
+    // The pinned ssh-audit of `testbed audit-tools` (scripts/test installs it), not whatever is on PATH.
+    let audit = std::process::Command::new(crate::testbed::script())
+        .args(["ssh-audit", &h.name])
         .output()
-        .expect("ssh-audit (installed by tests/testbed/testbed audit-tools)");
+        .expect("tests/testbed/testbed ssh-audit");
     assert_eq!(audit.status.code(), Some(0), "ssh-audit: {}", text(&audit));
 }
