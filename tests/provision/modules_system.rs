@@ -382,6 +382,31 @@ async fn groups_users_and_authorized_keys_converge() {
     h.converges("user", json!({"name": "deploy", "state": "absent"}))
         .await;
     assert_eq!(h.sh_status("getent passwd deploy"), 2);
+
+    // move_home carries the files along; remove deletes the home with the account.
+    h.converges("user", json!({"name": "mover", "shell": "/bin/sh"}))
+        .await;
+    h.sh("echo kept > /home/mover/note && chown mover: /home/mover/note");
+    let moved = h
+        .converges(
+            "user",
+            json!({"name": "mover", "home": "/srv/mover", "move_home": true}),
+        )
+        .await;
+    assert_eq!(
+        moved.diff.as_deref(),
+        Some("user mover: home /home/mover → /srv/mover (moved)")
+    );
+    assert_eq!(h.sh("cat /srv/mover/note"), "kept");
+    assert_eq!(h.sh_status("test -e /home/mover"), 1);
+    assert_eq!(h.sh("getent passwd mover | cut -d: -f6"), "/srv/mover");
+    h.converges(
+        "user",
+        json!({"name": "mover", "state": "absent", "remove": true}),
+    )
+    .await;
+    assert_eq!(h.sh_status("getent passwd mover"), 2);
+    assert_eq!(h.sh_status("test -e /srv/mover"), 1, "home left behind");
     h.converges("group", json!({"name": "cozyops", "state": "absent"}))
         .await;
     assert_eq!(h.sh_status("getent group cozyops"), 2);

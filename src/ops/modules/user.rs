@@ -30,6 +30,8 @@ pub static SPEC: ModuleSpec = ModuleSpec {
         "system",
         "comment",
         "password_lock",
+        "remove",
+        "move_home",
     ],
     free_form: None,
     build,
@@ -67,6 +69,12 @@ struct Args {
     system: bool,
     comment: Option<String>,
     password_lock: Option<bool>,
+    /// With `state: absent`: delete the home directory and mail spool too (`userdel -r`).
+    #[serde(default)]
+    remove: bool,
+    /// With a changed `home`: move the old home's contents there (`usermod -m`).
+    #[serde(default)]
+    move_home: bool,
 }
 
 /// `groups`: a list, or a comma-separated string as Ansible accepts; `[]`/`""` means none.
@@ -125,6 +133,14 @@ fn build(args: serde_json::Value) -> Result<Box<dyn Module>, String> {
     }
     if args.home.as_deref().is_some_and(|h| !h.starts_with('/')) {
         return Err("argument `home`: must be an absolute path".into());
+    }
+    if args.remove && args.state != Presence::Absent {
+        return Err(
+            "argument `remove`: only with `state: absent` (it deletes the home directory)".into(),
+        );
+    }
+    if args.move_home && args.home.is_none() {
+        return Err("argument `move_home`: give the new `home` to move to".into());
     }
     Ok(Box::new(User { args }))
 }
@@ -233,9 +249,14 @@ fn plan(args: &Args, obs: &Observed) -> Plan {
     let n = quote(&args.name);
     match (&obs.account, args.state) {
         (None, Presence::Absent) => {}
-        (Some(_), Presence::Absent) => {
-            p.commands.push(format!("userdel {n}"));
-            p.changes.push("remove".into());
+        (Some(a), Presence::Absent) => {
+            if args.remove {
+                p.commands.push(format!("userdel -r {n}"));
+                p.changes.push(format!("remove, with home {}", a.home));
+            } else {
+                p.commands.push(format!("userdel {n}"));
+                p.changes.push("remove".into());
+            }
         }
         (None, Presence::Present) => {
             let mut cmd = String::from("useradd");
@@ -323,7 +344,12 @@ fn plan(args: &Args, obs: &Observed) -> Plan {
             }
             if let Some(h) = args.home.as_ref().filter(|h| **h != a.home) {
                 let _ = write!(flags, " -d {}", quote(h));
-                p.changes.push(format!("home {} → {h}", a.home));
+                if args.move_home && a.home_exists {
+                    flags.push_str(" -m");
+                    p.changes.push(format!("home {} → {h} (moved)", a.home));
+                } else {
+                    p.changes.push(format!("home {} → {h}", a.home));
+                }
             }
             if let Some(c) = args.comment.as_ref().filter(|c| **c != a.comment) {
                 let _ = write!(flags, " -c {}", quote(c));
@@ -471,6 +497,30 @@ mod tests {
             &obs,
         );
         assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn remove_deletes_the_home_and_move_home_moves_it() {
+        let obs = parse_state(DEPLOY).unwrap();
+        let p = plan(
+            &args(json!({"name": "deploy", "state": "absent", "remove": true})),
+            &obs,
+        );
+        assert_eq!(p.commands, ["userdel -r deploy"]);
+        assert_eq!(p.changes, ["remove, with home /home/deploy"]);
+        let p = plan(
+            &args(json!({"name": "deploy", "home": "/srv/deploy", "move_home": true})),
+            &obs,
+        );
+        assert_eq!(p.commands[0], "usermod -d /srv/deploy -m deploy");
+        assert_eq!(p.changes, ["home /home/deploy → /srv/deploy (moved)"]);
+        for (bad, arg) in [
+            (json!({"name": "deploy", "remove": true}), "remove"),
+            (json!({"name": "deploy", "move_home": true}), "move_home"),
+        ] {
+            let err = build(bad).err().unwrap();
+            assert!(err.contains(&format!("`{arg}`")), "{err}");
+        }
     }
 
     #[test]
