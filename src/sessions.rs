@@ -51,6 +51,11 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The Redis key of a session: the installation's prefix, then the token's hash.
+fn redis_key(prefix: &str, hash: &str) -> String {
+    format!("{prefix}{hash}")
+}
+
 impl SessionStore {
     /// Sessions in Redis; `namespace` tells this installation's keys from another's on the same server
     /// (see [`crate::realtime::bus::namespace`]).
@@ -101,7 +106,7 @@ impl SessionStore {
                 let value = serde_json::to_string(user).unwrap_or_default();
                 let mut conn = conn.clone();
                 let _: () = conn
-                    .set_ex(format!("{prefix}{hash}"), value, ttl.as_secs().max(1))
+                    .set_ex(redis_key(prefix, &hash), value, ttl.as_secs().max(1))
                     .await?;
             }
             SessionStore::Db { db, .. } => {
@@ -125,7 +130,7 @@ impl SessionStore {
             SessionStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
                 let value: Option<String> = redis::cmd("GETEX")
-                    .arg(format!("{prefix}{hash}"))
+                    .arg(redis_key(prefix, &hash))
                     .arg("EX")
                     .arg(ttl.as_secs().max(1))
                     .query_async(&mut conn)
@@ -168,7 +173,7 @@ impl SessionStore {
         match self {
             SessionStore::Redis { conn, prefix, .. } => {
                 let mut conn = conn.clone();
-                let _: () = conn.del(format!("{prefix}{hash}")).await?;
+                let _: () = conn.del(redis_key(prefix, &hash)).await?;
             }
             SessionStore::Db { db, .. } => {
                 sqlx::query("DELETE FROM sessions WHERE token_hash = ?")

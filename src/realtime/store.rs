@@ -210,12 +210,12 @@ impl Store {
         }
     }
 
-    /// [`Store::new`] with the retention of `realtime_history_count` / `realtime_history_age`.
     /// Whether the database pool was closed (the daemon is stopping): background tasks end quietly.
     pub fn is_closed(&self) -> bool {
         self.db.pool().is_closed()
     }
 
+    /// [`Store::new`] with the retention of `realtime_history_count` / `realtime_history_age`.
     pub fn from_settings(db: Db, settings: &Settings) -> Self {
         Store::new(
             db,
