@@ -1,7 +1,8 @@
 //! Embeds files into the binary, so that adding one is all it takes:
 //! - `migrations/<backend>/NNNN_name.sql`: a list of `(name, include_str!(...))` per backend;
 //! - `playbooks/*.yml` and `templates/provision/**`: the built-in playbooks and their templates
-//!   (`ops::playbook::builtin`), as `(relative path, include_str!(...))`.
+//!   (`ops::playbook::builtin`), as `(relative path, include_str!(...))`;
+//! - `templates/nginx/**`: the templates of `cozy nginx render` (`ops::nginx::render`).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -47,6 +48,7 @@ fn main() {
     for (name, dir) in [
         ("PLAYBOOKS", "playbooks"),
         ("TEMPLATES", "templates/provision"),
+        ("NGINX_TEMPLATES", "templates/nginx"),
     ] {
         let dir = Path::new(&manifest_dir).join(dir);
         println!("cargo:rerun-if-changed={}", dir.display());

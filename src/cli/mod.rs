@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod migrate;
+pub mod nginx;
 pub mod provision;
 pub mod serve;
 
@@ -27,6 +28,7 @@ Examples:
   cozy status                                  # the cluster's workers, like `pm2 ls`
   cozy reload                                  # rolling restart, zero dropped requests
   cozy provision -i inventory.yml              # harden every host of the inventory over SSH
+  cozy nginx render -i inventory.yml --check   # the reverse proxy of the estate, proved by nginx -t
 
 Configuration: flags > environment (COZY_DATABASE_URL, COZY_REDIS_URL, COZY_LISTEN, COZY_RUN_DIR,
 COZY_DATA_DIR, ...) > cozy.yaml (or --config FILE) > defaults.";
@@ -72,6 +74,9 @@ pub enum Command {
     Stop,
     /// Provision and harden hosts over SSH with playbooks (built-in: base, harden, nginx, mysql, redis, app).
     Provision(provision::ProvisionArgs),
+    /// The estate's reverse proxy and load balancer: render it from the inventory, check it with nginx -t.
+    #[command(subcommand)]
+    Nginx(nginx::NginxCommand),
 }
 
 /// Database flags shared by commands that open the database.
@@ -110,7 +115,11 @@ impl Cli {
             }
             Command::Audit(a) => flags.database_url = a.db.database_url.clone(),
             Command::Sweep(a) => flags.database_url = a.db.database_url.clone(),
-            Command::Status(_) | Command::Reload | Command::Stop | Command::Provision(_) => {}
+            Command::Status(_)
+            | Command::Reload
+            | Command::Stop
+            | Command::Provision(_)
+            | Command::Nginx(_) => {}
         }
         Ok(Settings::load(self.config.as_deref(), flags)?)
     }
@@ -140,5 +149,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Reload => cluster::reload(settings).await,
         Command::Stop => cluster::stop(settings).await,
         Command::Provision(args) => provision::run(args).await,
+        Command::Nginx(cmd) => nginx::run(cmd, cli.config.as_deref()),
     }
 }

@@ -7,11 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
+use marked_yaml::types::MarkedScalarNode;
 use marked_yaml::Node;
 use serde_json::{Map, Value};
 
-use crate::ops::playbook::yaml::{self, describe, did_you_mean, is_null, list, Source, Top};
+use crate::ops::playbook::yaml::{
+    self, check_keys, describe, did_you_mean, entry, is_null, list, Source, Top,
+};
 use crate::ops::playbook::ParseError;
 
 /// The user cozy logs in as when neither the host nor `defaults` says.
@@ -309,32 +311,6 @@ pub fn parse_ad_hoc(target: &str) -> Result<(String, String, Option<u16>), Strin
         ),
     };
     Ok((user.to_string(), address.to_string(), port))
-}
-
-fn entry<'a>(map: &'a MarkedMappingNode, name: &str) -> Option<(&'a MarkedScalarNode, &'a Node)> {
-    map.iter().find(|(k, _)| k.as_str() == name)
-}
-
-fn check_keys(
-    src: &Source,
-    map: &MarkedMappingNode,
-    valid: &[&str],
-    what: &str,
-) -> Result<(), ParseError> {
-    for key in map.keys() {
-        if !valid.contains(&key.as_str()) {
-            return Err(src.error(
-                src.key(key),
-                format!(
-                    "unknown {what} `{}`{}; valid: {}",
-                    key.as_str(),
-                    did_you_mean(key.as_str(), valid),
-                    list(valid)
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The entries of a mapping value (nothing written: no entries).

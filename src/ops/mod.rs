@@ -1,4 +1,4 @@
-//! Operations on remote hosts: `cozy provision` (Ansible's job), over SSH.
+//! Operations on remote hosts: `cozy provision` (Ansible's job) over SSH, and `cozy nginx render`.
 //!
 //! How the pieces fit:
 //!
@@ -14,11 +14,14 @@
 //! - [`modules`] holds one file per module (`apt`, `user`, `file`, `template`, `nftables`, …). A module
 //!   reads the host's current state, plans the minimal change, and applies it only when not in check
 //!   mode — one round trip where one is enough, as pyinfra does.
+//! - [`nginx`] renders the estate's reverse proxy from the inventory and checks it with `nginx -t`; the
+//!   `nginx_site` module installs it through the playbooks.
 
 pub mod connect;
 pub mod facts;
 pub mod inventory;
 pub mod modules;
+pub mod nginx;
 pub mod playbook;
 pub mod ssh;
 pub mod transport;

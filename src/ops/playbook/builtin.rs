@@ -1,5 +1,5 @@
-//! The playbooks and templates embedded in the binary (`playbooks/*.yml`, `templates/provision/**` of
-//! this repository, listed by build.rs), so a bare `cozy` binary can harden a host with no files around it.
+//! The playbooks and templates embedded in the binary (`playbooks/*.yml`, `templates/provision/**` and
+//! `templates/nginx/**` of this repository, listed by build.rs), so a bare `cozy` binary can harden a host with no files around it.
 //! Files on disk override them (see [`crate::ops::playbook::load`]).
 
 mod files {
@@ -26,6 +26,14 @@ pub fn playbook_names() -> Vec<&'static str> {
 /// The built-in template `path` (relative to `templates/provision/`).
 pub fn template(path: &str) -> Option<&'static str> {
     files::TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == path)
+        .map(|(_, text)| *text)
+}
+
+/// The built-in nginx template `path` (relative to `templates/nginx/`).
+pub fn nginx_template(path: &str) -> Option<&'static str> {
+    files::NGINX_TEMPLATES
         .iter()
         .find(|(n, _)| *n == path)
         .map(|(_, text)| *text)

@@ -196,7 +196,7 @@ fn sole_expression(s: &str) -> Option<&str> {
 }
 
 /// A minijinja error with its line (when it has one) and its detail.
-fn describe(e: &minijinja::Error) -> String {
+pub(crate) fn describe(e: &minijinja::Error) -> String {
     let mut text = e.to_string();
     if let Some(line) = e.line() {
         if !text.contains("line") {

@@ -491,6 +491,37 @@ pub fn string_or_list(
     }
 }
 
+/// The entry `name` of a mapping, with its key (for locations).
+pub fn entry<'a>(
+    map: &'a MarkedMappingNode,
+    name: &str,
+) -> Option<(&'a MarkedScalarNode, &'a Node)> {
+    map.iter().find(|(k, _)| k.as_str() == name)
+}
+
+/// Refuses a key of `map` that is not in `valid`, at the key, with a did-you-mean and the valid ones.
+pub fn check_keys(
+    src: &Source,
+    map: &MarkedMappingNode,
+    valid: &[&str],
+    what: &str,
+) -> Result<(), ParseError> {
+    for key in map.keys() {
+        if !valid.contains(&key.as_str()) {
+            return Err(src.error(
+                src.key(key),
+                format!(
+                    "unknown {what} `{}`{}; valid: {}",
+                    key.as_str(),
+                    did_you_mean(key.as_str(), valid),
+                    list(valid)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
