@@ -114,7 +114,19 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<u8> {
                 .map_err(|e| anyhow::anyhow!("{}: play `{}`: {e}", play.location, play.name))?;
         }
     }
-    let extra_vars = parse_vars(&args.vars)?;
+    let mut extra_vars = parse_vars(&args.vars)?;
+    if uses_module(&playbooks, "nginx_site")
+        && extra_vars.get("nginx_install_site") != Some(&Json::Bool(false))
+    {
+        let Some(path) = &args.inventory else {
+            bail!("the nginx site is rendered from an inventory (-i FILE): its app hosts are the upstream \
+                   (or pass -e nginx_install_site=false to install nginx alone)");
+        };
+        let site = nginx_site_var(path).map_err(|e| {
+            anyhow::anyhow!("{e}\n(the nginx playbook installs the site of `cozy nginx render`; pass -e nginx_install_site=false to install nginx alone)")
+        })?;
+        extra_vars.insert("nginx_site".into(), site);
+    }
     let opts = RunOptions {
         check: args.check,
         diff: args.diff,
@@ -143,6 +155,62 @@ pub async fn run(args: ProvisionArgs) -> anyhow::Result<u8> {
     } else {
         2
     })
+}
+
+/// Whether a task or handler of `playbooks` runs `module`.
+fn uses_module(playbooks: &[Playbook], module: &str) -> bool {
+    playbooks.iter().flat_map(|pb| &pb.plays).any(|play| {
+        play.tasks
+            .iter()
+            .chain(&play.handlers)
+            .any(|t| t.module.name == module)
+    })
+}
+
+/// The `nginx_site` variable of the `nginx` playbook: the site `cozy nginx render -i INVENTORY` makes,
+/// as the files the `nginx_site` module installs, and the facts the playbook's certificate tasks need.
+fn nginx_site_var(inventory: &Path) -> anyhow::Result<Json> {
+    use crate::ops::nginx::render::{self, RenderOptions};
+    use crate::ops::nginx::settings::Tls;
+    let (inv, settings) = crate::ops::nginx::load(inventory, None)?;
+    let ups = render::upstreams(&inv, &settings)?;
+    let beside = inventory
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("templates/nginx");
+    let opts = RenderOptions {
+        template_dirs: if beside.is_dir() {
+            vec![beside]
+        } else {
+            Vec::new()
+        },
+        estate: inv.source.clone(),
+        ..RenderOptions::default()
+    };
+    let site = render::render(&settings, ups, &opts)?;
+    let (cert, key) = site.host_made_certificate.clone().unwrap_or_default();
+    let tls = match &settings.tls {
+        Tls::Off => "off",
+        Tls::Files { .. } => "files",
+        Tls::SelfSigned => "self_signed",
+        Tls::Acme { .. } => "acme",
+    };
+    let email = match &settings.tls {
+        Tls::Acme { email } => email.clone(),
+        _ => None,
+    };
+    Ok(serde_json::json!({
+        "name": site.name,
+        "files": crate::ops::modules::nginx_site::files_var(&site),
+        "tls": tls,
+        "server_names": settings.server_names,
+        "san": settings.server_names.iter().map(|n| format!("DNS:{n}")).collect::<Vec<_>>().join(","),
+        "certificate": if cert.is_empty() { String::new() } else { format!("/etc/nginx/{cert}") },
+        "certificate_key": if key.is_empty() { String::new() } else { format!("/etc/nginx/{key}") },
+        "acme_email": email,
+        "acme_root": settings.acme_root,
+        "log_dir": settings.log_dir,
+    }))
 }
 
 /// `-p NAME|FILE`: a file when one exists at that path; else `playbooks/NAME.yml` next to the inventory;

@@ -18,6 +18,7 @@ pub mod file;
 pub mod group;
 pub mod line_in_file;
 pub mod nftables;
+pub mod nginx_site;
 pub mod service;
 pub mod sysctl;
 pub mod template;
@@ -180,6 +181,7 @@ pub static MODULES: &[&ModuleSpec] = &[
     &command::SPEC,
     &command::SHELL,
     &nftables::SPEC,
+    &nginx_site::SPEC,
 ];
 
 /// The module called `name`.

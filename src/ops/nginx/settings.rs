@@ -235,7 +235,7 @@ fn parse(
     let mut s = NginxSettings::defaults(&src.file);
     let map = mapping(src, key, value)?;
     let Some(map) = map else { return Ok(s) };
-    check_keys(src, map, KEYS, "key in `nginx`")?;
+    check_keys(src, map, KEYS, "`nginx` key")?;
     for (k, v) in map.iter() {
         match k.as_str() {
             "app_group" => s.app_group = name(src, k, v)?,
@@ -255,7 +255,7 @@ fn parse(
             "tls" => s.tls = tls(src, k, v, base_dir)?,
             "ports" => {
                 if let Some(ports) = mapping(src, k, v)? {
-                    check_keys(src, ports, PORT_KEYS, "key in `nginx.ports`")?;
+                    check_keys(src, ports, PORT_KEYS, "`nginx.ports` key")?;
                     for (pk, pv) in ports.iter() {
                         let p = port(src, pk, pv)?;
                         match pk.as_str() {
@@ -279,7 +279,7 @@ fn parse(
             "http2" => s.http2 = yaml::boolean(src, k, v)?,
             "rate_limits" => {
                 if let Some(rates) = mapping(src, k, v)? {
-                    check_keys(src, rates, RATE_KEYS, "key in `nginx.rate_limits`")?;
+                    check_keys(src, rates, RATE_KEYS, "`nginx.rate_limits` key")?;
                     for (rk, rv) in rates.iter() {
                         match rk.as_str() {
                             "login" => s.rate.login = rate(src, rk, rv)?,
@@ -304,7 +304,7 @@ fn parse(
             "gzip" => s.gzip = yaml::boolean(src, k, v)?,
             "upstream" => {
                 if let Some(up) = mapping(src, k, v)? {
-                    check_keys(src, up, UPSTREAM_KEYS, "key in `nginx.upstream`")?;
+                    check_keys(src, up, UPSTREAM_KEYS, "`nginx.upstream` key")?;
                     for (uk, uv) in up.iter() {
                         match uk.as_str() {
                             "port" => s.upstream.port = port(src, uk, uv)?,
@@ -420,7 +420,7 @@ fn tls(
             ),
         ));
     };
-    check_keys(src, map, TLS_KEYS, "key in `nginx.tls`")?;
+    check_keys(src, map, TLS_KEYS, "`nginx.tls` key")?;
     let cert = entry(map, "certificate");
     let keyfile = entry(map, "key");
     let self_signed = match entry(map, "self_signed") {
@@ -443,7 +443,7 @@ fn tls(
     if let Some((k, v)) = acme {
         let mut email = None;
         if let Some(m) = mapping(src, k, v)? {
-            check_keys(src, m, ACME_KEYS, "key in `nginx.tls.acme`")?;
+            check_keys(src, m, ACME_KEYS, "`nginx.tls.acme` key")?;
             if let Some((ek, ev)) = entry(m, "email") {
                 let e = yaml::string(src, ek, ev)?;
                 if !e.contains('@') || e.contains(char::is_whitespace) {
@@ -798,12 +798,12 @@ mod tests {
     fn an_unknown_key_is_reported_at_itself_with_a_suggestion() {
         let msg = err("nginx:\n  server_name: [a.example]\n", 2, 3);
         assert!(
-            msg.starts_with("unknown key in `nginx` `server_name` (did you mean `server_names`?); valid: `app_group`"),
+            msg.starts_with("unknown `nginx` key `server_name` (did you mean `server_names`?); valid: `app_group`"),
             "{msg}"
         );
         let msg = err("nginx:\n  rate_limits:\n    logn: 1r/s\n", 3, 5);
         assert!(msg.contains("(did you mean `login`?)"), "{msg}");
-        let msg = err("nginx:\n  tls: {certficate: a, key: b}\n", 2, 10);
+        let msg = err("nginx:\n  tls: {certficate: a, key: b}\n", 2, 9);
         assert!(msg.contains("(did you mean `certificate`?)"), "{msg}");
     }
 
@@ -896,7 +896,7 @@ mod tests {
         assert!(err("nginx:\n  realtime_timeout: soon\n", 2, 21).contains("a time like"));
         assert!(err("nginx:\n  trusted_proxies: [10.0.0.1/8]\n", 2, 21).contains("host bits set"));
         assert!(err("nginx:\n  trusted_proxies: [nowhere]\n", 2, 21).contains("not an address"));
-        assert!(err("nginx:\n  ports: {http: 0}\n", 2, 18).contains("port number"));
+        assert!(err("nginx:\n  ports: {http: 0}\n", 2, 17).contains("port number"));
         assert!(err("nginx:\n  demo: yes\n", 2, 9).contains("true or false"));
         assert!(err("nginx:\n  log_dir: logs\n", 2, 12).contains("absolute path"));
         assert!(err("nginx:\n  tls: {self_signed: true, acme: {}}\n", 2, 8).contains("not several"));
