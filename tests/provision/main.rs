@@ -3,6 +3,7 @@
 
 mod harden;
 mod modules_system;
+mod nginx;
 mod playbooks;
 mod scene;
 mod testbed;
