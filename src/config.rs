@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::http::forwarded::TrustedProxies;
+
 /// A configuration problem, naming the place at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -71,6 +73,13 @@ pub struct Layer {
     pub realtime_queue_frames: Option<usize>,
     pub realtime_presence_ttl_secs: Option<u64>,
     pub realtime_rate_per_sec: Option<u32>,
+    pub trusted_proxies: Option<TrustedProxies>,
+    pub auth_rate_per_minute: Option<u32>,
+    pub auth_burst: Option<u32>,
+    /// The `nginx:` block of cozy.yaml is read by `cozy nginx render`, which validates it itself with
+    /// file:line:col; the daemon accepts it here (so `deny_unknown_fields` lets the file load) and
+    /// ignores it.
+    pub nginx: Option<serde_yaml_ng::Value>,
 }
 
 impl Layer {
@@ -109,6 +118,10 @@ impl Layer {
                 .realtime_presence_ttl_secs
                 .or(self.realtime_presence_ttl_secs),
             realtime_rate_per_sec: other.realtime_rate_per_sec.or(self.realtime_rate_per_sec),
+            trusted_proxies: other.trusted_proxies.or(self.trusted_proxies),
+            auth_rate_per_minute: other.auth_rate_per_minute.or(self.auth_rate_per_minute),
+            auth_burst: other.auth_burst.or(self.auth_burst),
+            nginx: other.nginx.or(self.nginx),
         }
     }
 
@@ -191,6 +204,17 @@ impl Layer {
             realtime_queue_frames: num(&get, "COZY_REALTIME_QUEUE_FRAMES")?,
             realtime_presence_ttl_secs: num(&get, "COZY_REALTIME_PRESENCE_TTL_SECS")?,
             realtime_rate_per_sec: num(&get, "COZY_REALTIME_RATE_PER_SEC")?,
+            trusted_proxies: get("COZY_TRUSTED_PROXIES")
+                .map(|text| {
+                    TrustedProxies::parse_list(&text).map_err(|e| ConfigError::Value {
+                        source_name: "COZY_TRUSTED_PROXIES".into(),
+                        message: e.to_string(),
+                    })
+                })
+                .transpose()?,
+            auth_rate_per_minute: num(&get, "COZY_AUTH_RATE_PER_MINUTE")?,
+            auth_burst: num(&get, "COZY_AUTH_BURST")?,
+            nginx: None,
         })
     }
 }
@@ -274,6 +298,13 @@ pub struct Settings {
     /// 64 for MySQL. Size it so that every process (hosts, `cozy sweep`, `cozy audit`) together stays under
     /// the server's `max_connections` (151 on a stock MariaDB).
     pub db_max_connections: u32,
+    /// Peers whose `X-Forwarded-For` is believed (the reverse proxy); default none, so the TCP peer is
+    /// the client. See [`crate::http::forwarded`].
+    pub trusted_proxies: TrustedProxies,
+    /// `POST /v1/sessions` and `POST /v1/users` per client address and process: this many a minute on
+    /// average (0: no limit) and `auth_burst` at once. See [`crate::http::rate_limit`].
+    pub auth_rate_per_minute: u32,
+    pub auth_burst: u32,
     /// Where the settings came from, for `cozy serve` to log at start (PM2 lesson: say which config runs).
     pub sources: Vec<String>,
 }
@@ -377,6 +408,13 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
+        let auth_burst = l.auth_burst.unwrap_or(10);
+        if auth_burst == 0 {
+            return Err(ConfigError::Value {
+                source_name: "auth_burst".into(),
+                message: "must be at least 1 (auth_rate_per_minute: 0 turns the limit off)".into(),
+            });
+        }
         let secs = Duration::from_secs;
         let embedded = database.is_embedded();
         Ok(Settings {
@@ -416,6 +454,9 @@ impl Settings {
                 .db_max_connections
                 .unwrap_or(if embedded { 8 } else { 64 })
                 .max(1),
+            trusted_proxies: l.trusted_proxies.unwrap_or_default(),
+            auth_rate_per_minute: l.auth_rate_per_minute.unwrap_or(30),
+            auth_burst,
             sources,
         })
     }
@@ -544,6 +585,78 @@ mod tests {
         let env = |k: &str| (k == "COZY_WORKERS").then(|| "many".to_string());
         let err = Settings::load_with(None, Layer::default(), env).unwrap_err();
         assert!(err.to_string().starts_with("COZY_WORKERS:"), "{err}");
+    }
+
+    #[test]
+    fn a_cozy_yaml_with_an_nginx_block_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cozy.yaml");
+        std::fs::write(
+            &file,
+            "listen: 127.0.0.1:1000\nnginx:\n  server_name: example.com\n  upstreams: [a, b]\n  tls: {cert: /x}\n",
+        )
+        .unwrap();
+        let s = Settings::load_with(Some(&file), Layer::default(), no_env).unwrap();
+        assert_eq!(s.listen.port(), 1000);
+    }
+
+    #[test]
+    fn trusted_proxies_come_from_a_yaml_list_or_a_comma_separated_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cozy.yaml");
+        std::fs::write(
+            &file,
+            "trusted_proxies:\n  - 10.0.0.0/8\n  - 127.0.0.1\n  - \"::1\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_with(Some(&file), Layer::default(), no_env).unwrap();
+        assert_eq!(
+            s.trusted_proxies.to_string(),
+            "10.0.0.0/8,127.0.0.1/32,::1/128"
+        );
+        let env =
+            |k: &str| (k == "COZY_TRUSTED_PROXIES").then(|| "192.168.0.0/16, ::1".to_string());
+        let s = Settings::load_with(Some(&file), Layer::default(), env).unwrap();
+        assert_eq!(s.trusted_proxies.to_string(), "192.168.0.0/16,::1/128");
+        let s = Settings::load_with(None, Layer::default(), no_env).unwrap();
+        assert!(s.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn a_bad_trusted_proxy_is_named_with_its_variable_or_its_line() {
+        let env =
+            |k: &str| (k == "COZY_TRUSTED_PROXIES").then(|| "127.0.0.1,10.0.0.0/33".to_string());
+        let err = Settings::load_with(None, Layer::default(), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("COZY_TRUSTED_PROXIES: \"10.0.0.0/33\""),
+            "{err}"
+        );
+        let err = Layer::from_yaml(
+            Path::new("cozy.yaml"),
+            "listen: 127.0.0.1:1\ntrusted_proxies:\n  - 127.0.0.1\n  - 10.0.0.0/33\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("cozy.yaml:4:"), "{err}");
+        assert!(err.contains("\"10.0.0.0/33\""), "{err}");
+    }
+
+    #[test]
+    fn the_login_rate_limit_defaults_to_30_a_minute_with_bursts_of_10() {
+        let s = Settings::load_with(None, Layer::default(), no_env).unwrap();
+        assert_eq!((s.auth_rate_per_minute, s.auth_burst), (30, 10));
+        let env = |k: &str| match k {
+            "COZY_AUTH_RATE_PER_MINUTE" => Some("0".to_string()),
+            "COZY_AUTH_BURST" => Some("3".to_string()),
+            _ => None,
+        };
+        let s = Settings::load_with(None, Layer::default(), env).unwrap();
+        assert_eq!((s.auth_rate_per_minute, s.auth_burst), (0, 3));
+        let zero = |k: &str| (k == "COZY_AUTH_BURST").then(|| "0".to_string());
+        let err = Settings::load_with(None, Layer::default(), zero).unwrap_err();
+        assert!(err.to_string().starts_with("auth_burst:"), "{err}");
     }
 
     #[test]

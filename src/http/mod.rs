@@ -1,5 +1,6 @@
 //! The HTTP API (http-api.md) on axum: router, server loop, middleware.
 //!
+//! - [`forwarded`]: the client address behind trusted proxies (`X-Forwarded-For`, read from the right).
 //! - [`problem`]: every error as RFC 9457 problem+json with a stable `code`.
 //! - [`extract`]: auth, bodies, ids and headers, rejecting bad input with the field at fault.
 //! - [`idempotent`]: the `Idempotency-Key` wrapper around effectful handlers.
@@ -8,6 +9,7 @@
 //! - [`telemetry`]: per-route request counts and latency histograms for `/metrics`.
 
 pub mod extract;
+pub mod forwarded;
 pub mod idempotent;
 pub mod problem;
 pub mod routes;
