@@ -71,6 +71,7 @@ pub async fn run(settings: Settings, args: ServeArgs, log_format: LogFormat) -> 
         %addr,
         database = %redact(&app.settings.database.url()),
         sessions = app.sessions.kind(),
+        trusted_proxies = %app.settings.trusted_proxies,
         config = ?app.settings.sources,
         "listening"
     );

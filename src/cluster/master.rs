@@ -1060,6 +1060,18 @@ mod tests {
                 .unwrap()["worker"],
             1
         );
+        // An access log line keeps its fields at the top level, where `jq .request_id` finds them.
+        let access = mark_line(
+            r#"{"level":"INFO","message":"request","request_id":"abc","status":404}"#,
+            2,
+            LogFormat::Json,
+        );
+        let v: serde_json::Value = serde_json::from_str(&access).unwrap();
+        assert_eq!(
+            (v["worker"].as_u64(), v["request_id"].as_str()),
+            (Some(2), Some("abc"))
+        );
+        assert_eq!(v["status"], 404);
         assert_eq!(
             mark_line("error: boom", 2, LogFormat::Json),
             "[worker 2] error: boom"

@@ -1,6 +1,8 @@
 //! The HTTP API (http-api.md) on axum: router, server loop, middleware.
 //!
+//! - [`request_id`]: `X-Request-Id`, kept from the proxy or generated, on every response.
 //! - [`forwarded`]: the client address behind trusted proxies (`X-Forwarded-For`, read from the right).
+//! - [`access_log`]: one JSON event per request, found by its request id.
 //! - [`problem`]: every error as RFC 9457 problem+json with a stable `code`.
 //! - [`extract`]: auth, bodies, ids and headers, rejecting bad input with the field at fault.
 //! - [`idempotent`]: the `Idempotency-Key` wrapper around effectful handlers.
@@ -8,10 +10,12 @@
 //! - [`server`]: the accept loop and its graceful drain (keep-alive clients are handed over, not dropped).
 //! - [`telemetry`]: per-route request counts and latency histograms for `/metrics`.
 
+pub mod access_log;
 pub mod extract;
 pub mod forwarded;
 pub mod idempotent;
 pub mod problem;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
@@ -55,7 +59,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
 ];
 
-/// Builds the router with its middleware.
+/// Builds the router with its middleware. From the outside in: the request id, the client address,
+/// the access log, then panic and timeout answers (so the log and the id see those too), metrics, the
+/// body limit.
 pub fn router(app: AppState) -> Router {
     use routes::{accounts, ops, reservations, resources};
     let timeout = app.settings.request_timeout;
@@ -104,6 +110,12 @@ pub fn router(app: AppState) -> Router {
                 axum::response::IntoResponse::into_response(Problem::internal("handler panicked"))
             },
         ))
+        .layer(axum::middleware::from_fn(access_log::record))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            forwarded::resolve,
+        ))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(app)
 }
 

@@ -1479,3 +1479,45 @@ async fn the_master_log_is_json_with_worker_ids_on_worker_lines_and_lifecycle_ev
     assert_eq!(restart[0]["worker"], 2);
     assert_eq!(restart[0]["restarts"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workers_access_log_line_reaches_the_master_log_with_its_request_id_at_the_top_level() {
+    let cluster = TestCluster::start(1, &[], &[]).await;
+    let id = format!("through-the-master-{}", random_suffix());
+    let r = cluster
+        .client
+        .get(format!("{}/nope?q=1", cluster.base))
+        .header("X-Request-Id", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(id.as_str())
+    );
+    let deadline = Instant::now() + PATIENCE;
+    let line = loop {
+        // The master re-emits worker lines by prefixing the worker id: every field stays top-level.
+        if let Some(line) = cluster
+            .log_lines()
+            .into_iter()
+            .find(|l| l["request_id"] == id.as_str())
+        {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for {id}:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["worker"], 1, "{line}");
+    assert_eq!(line["message"], "request", "{line}");
+    assert_eq!(line["status"], 404, "{line}");
+    assert_eq!(line["path"], "/nope", "{line}");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+}
