@@ -3,6 +3,7 @@
 //! - [`request_id`]: `X-Request-Id`, kept from the proxy or generated, on every response.
 //! - [`forwarded`]: the client address behind trusted proxies (`X-Forwarded-For`, read from the right).
 //! - [`access_log`]: one JSON event per request, found by its request id.
+//! - [`rate_limit`]: cozy's own per-process limit on `POST /v1/sessions` and `POST /v1/users`.
 //! - [`problem`]: every error as RFC 9457 problem+json with a stable `code`.
 //! - [`extract`]: auth, bodies, ids and headers, rejecting bad input with the field at fault.
 //! - [`idempotent`]: the `Idempotency-Key` wrapper around effectful handlers.
@@ -15,6 +16,7 @@ pub mod extract;
 pub mod forwarded;
 pub mod idempotent;
 pub mod problem;
+pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod server;
@@ -61,13 +63,28 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Builds the router with its middleware. From the outside in: the request id, the client address,
 /// the access log, then panic and timeout answers (so the log and the id see those too), metrics, the
-/// body limit.
+/// body limit; the credential routes have the login rate limit on top of their handlers.
 pub fn router(app: AppState) -> Router {
     use routes::{accounts, ops, reservations, resources};
     let timeout = app.settings.request_timeout;
+    // Sign-ups and logins each have their own table of buckets, per router, i.e. per process (see
+    // rate_limit on why that is enough): signing up and then logging in costs one attempt of each.
+    let limited = || {
+        let limiter = Arc::new(rate_limit::AuthLimiter::new(
+            app.settings.auth_rate_per_minute,
+            app.settings.auth_burst,
+        ));
+        axum::middleware::from_fn_with_state(limiter, rate_limit::limit)
+    };
     Router::new()
-        .route("/v1/users", post(accounts::create_user))
-        .route("/v1/sessions", post(accounts::create_session))
+        .route(
+            "/v1/users",
+            post(accounts::create_user).route_layer(limited()),
+        )
+        .route(
+            "/v1/sessions",
+            post(accounts::create_session).route_layer(limited()),
+        )
         .route("/v1/sessions/current", delete(accounts::delete_session))
         .route(
             "/v1/resources",

@@ -125,6 +125,7 @@ impl Problem {
             "payload_too_large" => "Payload too large",
             "method_not_allowed" => "Method not allowed",
             "unavailable" => "Service unavailable",
+            "rate_limited" => "Too many requests",
             _ => "Internal error",
         }
     }

@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 
 pub const COZY: &str = env!("CARGO_BIN_EXE_cozy");
 
+/// `COZY_AUTH_RATE_PER_MINUTE` and `COZY_AUTH_BURST` for servers whose tests log in a lot.
+pub const GENEROUS_AUTH_RATE: (&str, &str) = ("600000", "100000");
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -227,6 +230,13 @@ impl TestApp {
             ("COZY_ARGON2_MEMORY_KIB".into(), "256".into()),
             ("COZY_ARGON2_ITERATIONS".into(), "1".into()),
             ("COZY_LOG_FORMAT".into(), "json".into()),
+            // Tests create many users and sessions from 127.0.0.1: a login limit far out of their way
+            // (tests/api/proxy.rs sets its own to test the limit itself).
+            (
+                "COZY_AUTH_RATE_PER_MINUTE".into(),
+                GENEROUS_AUTH_RATE.0.into(),
+            ),
+            ("COZY_AUTH_BURST".into(), GENEROUS_AUTH_RATE.1.into()),
         ];
         if backend == Backend::MySql {
             env.push(("COZY_REDIS_URL".into(), redis_url()));
