@@ -12,6 +12,7 @@ mod expiry;
 mod idempotency;
 mod ops;
 mod payments;
+mod proxy;
 mod realtime;
 mod reservations;
 mod resources;
