@@ -152,4 +152,36 @@ mod tests {
         routed.sort();
         assert_eq!(documented, routed);
     }
+
+    #[test]
+    fn the_openapi_document_has_the_login_limit_and_the_request_id() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let limited = &doc["components"]["responses"]["RateLimited"];
+        assert!(limited["headers"]["Retry-After"].is_object(), "{limited}");
+        assert_eq!(
+            limited["content"]["application/problem+json"]["example"]["code"],
+            "rate_limited"
+        );
+        for path in ["/v1/users", "/v1/sessions"] {
+            assert_eq!(
+                doc["paths"][path]["post"]["responses"]["429"]["$ref"],
+                "#/components/responses/RateLimited",
+                "{path}"
+            );
+        }
+        let codes = doc["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .unwrap();
+        assert!(codes.iter().any(|c| c == "rate_limited"));
+        assert_eq!(
+            doc["components"]["parameters"]["RequestId"]["name"],
+            "X-Request-Id"
+        );
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            assert_eq!(
+                item["parameters"][0]["$ref"], "#/components/parameters/RequestId",
+                "{path}"
+            );
+        }
+    }
 }
