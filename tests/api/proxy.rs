@@ -306,6 +306,38 @@ async fn probes_are_logged_at_debug_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_websocket_is_logged_once_at_its_101_with_the_request_id() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let id = format!("ws-{}", random_suffix());
+    let url = format!("{}/v1/realtime", app.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("X-Request-Id", id.parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(response.status().as_u16(), 101);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(id.as_str())
+    );
+    let line = access_line(&app, &id).await;
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["route"], "/v1/realtime", "{line}");
+    // Closing the socket logs no second line for the request.
+    let _ = ws.close(None).await;
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    access_line(&app, &id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fourth_quick_login_from_one_client_is_429_rate_limited_with_retry_after() {
     let app = TestApp::spawn_with(Backend::Sqlite, &TIGHT).await;
     sign_up(&app, "ada@example.com").await;
