@@ -307,7 +307,6 @@ async fn probes_are_logged_at_debug_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_websocket_is_logged_once_at_its_101_with_the_request_id() {
-    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = TestApp::spawn(Backend::Sqlite).await;
     let id = format!("ws-{}", random_suffix());
