@@ -21,4 +21,5 @@ mod helpers;
 mod estate;
 
 mod bad_input;
+mod tls;
 mod validate;
