@@ -21,5 +21,8 @@ mod helpers;
 mod estate;
 
 mod bad_input;
+mod flows;
+mod rate_limit;
+mod request_ids;
 mod tls;
 mod validate;
