@@ -19,10 +19,13 @@
 mod helpers;
 
 mod estate;
+mod ws;
 
 mod bad_input;
+mod failover;
 mod flows;
 mod rate_limit;
+mod realtime;
 mod request_ids;
 mod tls;
 mod validate;
