@@ -191,9 +191,27 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx on `site` and waits until it accepts on `http` (the port the site listens on).
-    pub fn start(site: &SiteDir, http: u16, https: u16) -> Nginx {
+    /// Renders the site on two free ports (`inventory` makes the inventory for them) and starts nginx on
+    /// it. Free ports are only free until someone takes them: a port taken meanwhile by a parallel test
+    /// is a fresh try on other ports, not a failure.
+    pub fn serve(work: &Path, env: Option<&str>, inventory: impl Fn(u16, u16) -> String) -> Nginx {
+        let mut tries = 0;
+        loop {
+            let (http, https) = (free_port(), free_port());
+            let site = SiteDir::render(work, &inventory(http, https), env);
+            match Nginx::try_start(&site, http, https) {
+                Ok(nginx) => return nginx,
+                Err(e) if e.contains("Address already in use") && tries < 3 => tries += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// Starts nginx on `site` and waits until it listens on `http` (the port the site listens on);
+    /// `Err` with what nginx said when it exited instead.
+    pub fn try_start(site: &SiteDir, http: u16, https: u16) -> Result<Nginx, String> {
         let root = site.root.clone();
+        let _ = std::fs::remove_file(root.join("nginx.pid"));
         let stderr = std::fs::File::create(root.join("log/nginx.stderr")).unwrap();
         let child = Command::new(NGINX)
             .arg("-p")
@@ -218,18 +236,23 @@ impl Nginx {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if TcpStream::connect(("127.0.0.1", http)).is_ok() {
-                return nginx;
+            // The master writes its pid file once every listening socket is bound; until then a
+            // connection could reach whoever else holds the port.
+            if nginx.root.join("nginx.pid").exists()
+                && TcpStream::connect(("127.0.0.1", http)).is_ok()
+            {
+                return Ok(nginx);
             }
             if let Some(status) = nginx.child.as_mut().unwrap().try_wait().unwrap() {
                 nginx.child = None;
-                panic!("nginx exited ({status}): {}", nginx.stderr());
+                return Err(format!("nginx exited ({status}): {}", nginx.stderr()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "nginx does not listen on {http} after 10 s: {}",
-                nginx.stderr()
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nginx does not listen on {http} after 10 s: {}",
+                    nginx.stderr()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -303,20 +326,20 @@ impl Proxy {
     /// The site with these lines in its `nginx:` block, rendered by the CLI and running.
     pub fn start(lines: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let (http, https) = (free_port(), free_port());
-        let inventory = Inventory {
-            // Port 1: refused at once, should a request reach them.
-            upstreams: vec![
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.2:1".parse().unwrap(),
-            ],
-            http,
-            https,
-            log_dir: dir.path().join("nginx/log"),
-            nginx: lines.iter().map(|l| l.to_string()).collect(),
-        };
-        let site = SiteDir::render(dir.path(), &inventory.yaml(), None);
-        let nginx = Nginx::start(&site, http, https);
+        let nginx = Nginx::serve(dir.path(), None, |http, https| {
+            Inventory {
+                // Port 1: refused at once, should a request reach them.
+                upstreams: vec![
+                    "127.0.0.1:1".parse().unwrap(),
+                    "127.0.0.2:1".parse().unwrap(),
+                ],
+                http,
+                https,
+                log_dir: dir.path().join("nginx/log"),
+                nginx: lines.iter().map(|l| l.to_string()).collect(),
+            }
+            .yaml()
+        });
         Proxy { nginx, _dir: dir }
     }
 }
@@ -561,16 +584,18 @@ impl EstateBuilder {
             vec![a.join().unwrap(), b.join().unwrap()]
         });
         let work = dir.join("site");
-        let (http, https) = (free_port(), free_port());
-        let inventory = Inventory {
-            upstreams: daemons.iter().map(|d| d.addr).collect(),
-            http,
-            https,
-            log_dir: work.join("nginx/log"),
-            nginx: self.nginx,
-        };
-        let site = SiteDir::render(&work, &inventory.yaml(), None);
-        let nginx = Nginx::start(&site, http, https);
+        let upstreams: Vec<SocketAddr> = daemons.iter().map(|d| d.addr).collect();
+        let nginx = Nginx::serve(&work, None, |http, https| {
+            Inventory {
+                upstreams: upstreams.clone(),
+                http,
+                https,
+                log_dir: work.join("nginx/log"),
+                nginx: self.nginx.clone(),
+            }
+            .yaml()
+        });
+        let http = nginx.http;
         app.base = format!("http://{HOST}:{http}");
         app.client = client_to(http, None);
         Estate {
