@@ -21,6 +21,10 @@ async fn a_message_published_through_nginx_on_one_upstream_reaches_a_client_on_t
         format!("ws-bob-{}", random_suffix()),
     );
     let mut a = Ws::open(port, &ada, Some(&ada_id)).await.unwrap();
+    // A request in between: round-robin would now send the next connection back to Ada's host;
+    // least_conn sends it to the host with no open connection.
+    let probe = est.app.get("/openapi.json", &ada).await;
+    assert!(probe.status.is_success(), "{} {}", probe.status, probe.body);
     let mut b = Ws::open(port, &bob, Some(&bob_id)).await.unwrap();
     let room = "chat:lobby";
     a.subscribe(room, None).await;
@@ -72,6 +76,14 @@ async fn a_message_published_through_nginx_on_one_upstream_reaches_a_client_on_t
         upstreams, ours,
         "one connection on each app host (least_conn)"
     );
+    // cozy logged each upgrade under the id the client sent, on the host nginx names.
+    for (id, line) in [(&ada_id, &line_a), (&bob_id, &line_b)] {
+        let cozy = est.cozy_lines(id);
+        assert_eq!(cozy.len(), 1, "{id} in cozy's logs once: {cozy:?}");
+        let host = est.daemons.iter().find(|d| d.name == cozy[0].0).unwrap();
+        assert_eq!(line["upstream_addr"], host.addr.to_string(), "{cozy:?}");
+        assert_eq!(cozy[0].1["status"], 101, "{cozy:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
