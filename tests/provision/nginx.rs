@@ -117,6 +117,17 @@ fn the_nginx_playbook_installs_the_rendered_site_and_nginx_proxies_to_the_app() 
         .exec(lb, "test -e /etc/nginx/sites-enabled/default")
         .status
         .success());
+    let main = tb.exec_ok(lb, "cat /etc/nginx/nginx.conf");
+    for line in [
+        "\tssl_protocols TLSv1.2 TLSv1.3;",
+        "\tworker_connections 4096;",
+        "worker_rlimit_nofile 16384;",
+    ] {
+        assert!(
+            main.lines().any(|l| l == line),
+            "no {line:?} in nginx.conf:\n{main}"
+        );
+    }
 
     // Through the host's nginx to the daemon on this machine: cozy's own answers, nginx's headers.
     let front = format!("{}:80", lb.address);

@@ -1,7 +1,8 @@
 //! `nginx -t` on a rendered site, in a scratch folder, with this machine's nginx.
 //!
-//! The scratch folder is laid out like `/etc/nginx`: a main `nginx.conf` shaped like Debian's (the same
-//! http-level directives, so a directive our site repeats at the wrong level is caught), `mime.types`
+//! The scratch folder is laid out like `/etc/nginx`: a main `nginx.conf` shaped like Debian's as the nginx
+//! playbook leaves it (the same http-level directives, so a directive our site repeats at the wrong level
+//! is caught), `mime.types`
 //! (this machine's), the rendered tree, and, for a site whose certificate is made on the nginx host
 //! (self-signed, ACME), a throwaway certificate at the path the site names. Includes and certificate
 //! paths in the site are relative to the configuration folder, so nginx reads exactly the rendered
@@ -139,9 +140,11 @@ pub fn main_conf(prefix: &Path) -> String {
 worker_processes 1;
 pid {p}/nginx.pid;
 error_log {p}/log/error.log;
+# As the nginx playbook sets them on a host: room for many WebSockets (each one holds two connections).
+worker_rlimit_nofile 16384;
 
 events {{
-    worker_connections 1024;
+    worker_connections 4096;
 }}
 
 http {{
@@ -150,9 +153,9 @@ http {{
     types_hash_max_size 2048;
     include mime.types;
     default_type application/octet-stream;
-    # Debian's own TLS defaults, which the site overrides per server.
-    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
-    ssl_prefer_server_ciphers on;
+    # Debian's http-level TLS lines, as the nginx playbook rewrites them (the site sets its own per server).
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers off;
     access_log {p}/log/access.log;
     gzip on;
     client_body_temp_path {p}/tmp/body;

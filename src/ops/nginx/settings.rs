@@ -310,7 +310,17 @@ fn parse(
                             "port" => s.upstream.port = port(src, uk, uv)?,
                             "max_fails" => s.upstream.max_fails = count(src, uk, uv, 0)?,
                             "keepalive" => s.upstream.keepalive = count(src, uk, uv, 1)?,
-                            _ => s.upstream.fail_timeout = time(src, uk, uv)?,
+                            _ => {
+                                let t = time(src, uk, uv)?;
+                                // `server … fail_timeout=` takes whole seconds (or m, h, d), not ms.
+                                if t.ends_with("ms") {
+                                    return Err(src.error(
+                                        src.value(uk, uv),
+                                        format!("`fail_timeout` is counted in seconds: `{t}` is below nginx's smallest step (write e.g. `1s`)"),
+                                    ));
+                                }
+                                s.upstream.fail_timeout = t;
+                            }
                         }
                     }
                 }
@@ -894,6 +904,8 @@ mod tests {
         );
         assert!(err("nginx:\n  client_max_body_size: 64kb\n", 2, 25).contains("a size like"));
         assert!(err("nginx:\n  realtime_timeout: soon\n", 2, 21).contains("a time like"));
+        assert!(err("nginx:\n  upstream: {fail_timeout: 500ms}\n", 2, 28)
+            .contains("counted in seconds"));
         assert!(err("nginx:\n  trusted_proxies: [10.0.0.1/8]\n", 2, 21).contains("host bits set"));
         assert!(err("nginx:\n  trusted_proxies: [nowhere]\n", 2, 21).contains("not an address"));
         assert!(err("nginx:\n  ports: {http: 0}\n", 2, 17).contains("port number"));
