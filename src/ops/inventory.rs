@@ -12,7 +12,7 @@ use marked_yaml::Node;
 use serde_json::{Map, Value};
 
 use crate::ops::playbook::yaml::{
-    self, check_keys, describe, did_you_mean, entry, is_null, list, Source, Top,
+    self, check_keys, describe, did_you_mean, entry, is_null, list, port, Source, Top,
 };
 use crate::ops::playbook::ParseError;
 
@@ -510,24 +510,6 @@ fn non_empty(src: &Source, key: &MarkedScalarNode, value: &Node) -> Result<Strin
     Ok(s)
 }
 
-fn port(src: &Source, key: &MarkedScalarNode, value: &Node) -> Result<u16, ParseError> {
-    let n = match value {
-        Node::Scalar(s) => yaml::scalar_to_json(s).as_u64(),
-        _ => None,
-    };
-    n.and_then(|n| u16::try_from(n).ok())
-        .filter(|n| *n != 0)
-        .ok_or_else(|| {
-            src.error(
-                src.value(key, value),
-                format!(
-                    "`port` must be a number from 1 to 65535, not {}",
-                    describe(value)
-                ),
-            )
-        })
-}
-
 /// `~` and `~/…` are the home directory ($HOME); anything else is kept as written.
 pub fn expand_tilde(path: &str) -> PathBuf {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
@@ -748,9 +730,12 @@ vars:
         let msg = err("hosts:\n  a: {port: 22}\n", 2, 3);
         assert_eq!(msg, "host `a` has no `address`");
         let msg = err("hosts:\n  a: {address: x, port: \"22\"}\n", 2, 25);
-        assert_eq!(msg, "`port` must be a number from 1 to 65535, not `22`");
+        assert_eq!(
+            msg,
+            "`port` must be a port number from 1 to 65535, not `22`"
+        );
         let msg = err("hosts:\n  a: {address: x, port: 70000}\n", 2, 25);
-        assert!(msg.starts_with("`port` must be a number"), "{msg}");
+        assert!(msg.starts_with("`port` must be a port number"), "{msg}");
         let msg = err("hosts:\n  a: {address: [x]}\n", 2, 16);
         assert_eq!(msg, "`address` must be a string, not a list");
         let msg = err("hosts:\n  a:\n", 2, 3);

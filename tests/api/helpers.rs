@@ -196,6 +196,55 @@ impl Resp {
     }
 }
 
+/// Starts the real `cozy serve --listen LISTEN` with only `env` (and PATH), in `dir` when given, its stderr
+/// appended to `log` (or shown live with `TEST_LOG`), and waits up to 30 s for the line that says where it
+/// listens. Returns the process and its base URL (`http://ADDR`), `None` when it did not start.
+pub fn spawn_serve(
+    listen: &str,
+    env: &[(String, String)],
+    dir: Option<&std::path::Path>,
+    log: &std::path::Path,
+) -> (Child, Option<String>) {
+    let mut cmd = Command::new(COZY);
+    cmd.args(["serve", "--listen", listen]).env_clear();
+    cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    if std::env::var_os("TEST_LOG").is_some() {
+        cmd.stderr(Stdio::inherit());
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        cmd.stderr(Stdio::from(file));
+    }
+    let mut child = cmd.spawn().expect("spawn cozy serve");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the server never blocks on a full pipe.
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let base = line
+        .trim()
+        .strip_prefix("cozy listening on ")
+        .map(str::to_string);
+    (child, base)
+}
+
 impl TestApp {
     pub async fn spawn(backend: Backend) -> TestApp {
         Self::spawn_with(backend, &[]).await
@@ -278,43 +327,13 @@ impl TestApp {
 
     /// Starts (or restarts) the server process and waits until it listens.
     pub async fn start(&mut self) {
-        let mut cmd = Command::new(COZY);
-        cmd.args(["serve", "--listen", "127.0.0.1:0"]).env_clear();
-        cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-        if std::env::var_os("TEST_LOG").is_some() {
-            cmd.stderr(Stdio::inherit());
-        } else {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .unwrap();
-            cmd.stderr(Stdio::from(file));
-        }
-        let mut child = cmd.spawn().expect("spawn cozy serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining so the server never blocks on a full pipe.
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let Some(base) = line.trim().strip_prefix("cozy listening on ") else {
+        let (child, base) = spawn_serve("127.0.0.1:0", &self.env, None, &self.log);
+        let Some(base) = base else {
+            let mut child = child;
             let _ = child.kill();
-            panic!("server did not start: {line:?}\n{}", self.logs());
+            panic!("server did not start\n{}", self.logs());
         };
-        self.base = base.to_string();
+        self.base = base;
         self.child = Some(child);
     }
 

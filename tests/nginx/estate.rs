@@ -11,7 +11,6 @@
 //! rendered tree and every log), and everything is stopped on drop: nginx (its whole process group, so no
 //! worker outlives a failed test), the daemons, then the folder.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -361,36 +360,8 @@ impl Daemon {
     /// `dir/NAME.log`. Waits for the line that says where it listens.
     pub fn start(name: &str, ip: &str, env: &[(String, String)], dir: &Path) -> Daemon {
         let log = dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut child = Command::new(COZY)
-            .args(["serve", "--listen", &format!("{ip}:0")])
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn cozy serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining, so the daemon never blocks on a full pipe.
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let (child, base) = crate::helpers::spawn_serve(&format!("{ip}:0"), env, Some(dir), &log);
+        let line = base.unwrap_or_default();
         let mut daemon = Daemon {
             name: name.to_string(),
             addr: "0.0.0.0:0".parse().unwrap(),
@@ -399,7 +370,7 @@ impl Daemon {
         };
         match line
             .trim()
-            .strip_prefix("cozy listening on http://")
+            .strip_prefix("http://")
             .and_then(|a| a.parse().ok())
         {
             Some(addr) => daemon.addr = addr,

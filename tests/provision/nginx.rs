@@ -4,7 +4,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use crate::scene::{host_recap, text, Scene};
@@ -26,32 +26,27 @@ struct Daemon {
 impl Daemon {
     fn start(address: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cozy"))
-            .args(["serve", "--listen", &format!("{address}:0")])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("COZY_DATA_DIR", dir.path().join("data"))
-            .env("COZY_RUN_DIR", dir.path().join("run"))
-            .env("COZY_LOG_FORMAT", "json")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn cozy serve");
-        let mut stdout = child.stdout.take().unwrap();
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while stdout.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        let line = String::from_utf8_lossy(&line).to_string();
-        let listen = line
-            .trim()
-            .strip_prefix("cozy listening on http://")
-            .unwrap_or_else(|| panic!("cozy serve did not start: {line:?}"))
-            .to_string();
+        let env: Vec<(String, String)> = [
+            ("COZY_DATA_DIR", dir.path().join("data")),
+            ("COZY_RUN_DIR", dir.path().join("run")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .chain([("COZY_LOG_FORMAT".to_string(), "json".to_string())])
+        .collect();
+        let log = dir.path().join("serve.log");
+        let (mut child, base) =
+            crate::helpers::spawn_serve(&format!("{address}:0"), &env, None, &log);
+        let Some(listen) = base.as_deref().and_then(|b| b.strip_prefix("http://")) else {
+            let _ = child.kill();
+            panic!(
+                "cozy serve did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
         Daemon {
+            listen: listen.to_string(),
             child,
-            listen,
             _dir: dir,
         }
     }

@@ -15,7 +15,7 @@ use marked_yaml::Node;
 use serde_json::Value;
 
 use crate::ops::playbook::yaml::{
-    self, check_keys, describe, did_you_mean, entry, is_null, list, Source, Top,
+    self, check_keys, describe, did_you_mean, entry, is_null, list, port, Source, Top,
 };
 use crate::ops::playbook::ParseError;
 
@@ -578,25 +578,6 @@ pub fn network(text: &str) -> Result<IpNet, String> {
     text.parse::<IpAddr>()
         .map(IpNet::from)
         .map_err(|_| format!("`{text}` is not an address or a network like 10.0.0.0/8"))
-}
-
-fn port(src: &Source, key: &MarkedScalarNode, value: &Node) -> Result<u16, ParseError> {
-    let n = match value {
-        Node::Scalar(s) => yaml::scalar_to_json(s).as_u64(),
-        _ => None,
-    };
-    n.and_then(|n| u16::try_from(n).ok())
-        .filter(|n| *n != 0)
-        .ok_or_else(|| {
-            src.error(
-                src.value(key, value),
-                format!(
-                    "`{}` must be a port number from 1 to 65535, not {}",
-                    key.as_str(),
-                    describe(value)
-                ),
-            )
-        })
 }
 
 fn count(src: &Source, key: &MarkedScalarNode, value: &Node, min: u32) -> Result<u32, ParseError> {

@@ -522,6 +522,26 @@ pub fn check_keys(
     Ok(())
 }
 
+/// A port number (1–65535), written plain.
+pub fn port(src: &Source, key: &MarkedScalarNode, value: &Node) -> Result<u16, ParseError> {
+    let n = match value {
+        Node::Scalar(s) => scalar_to_json(s).as_u64(),
+        _ => None,
+    };
+    n.and_then(|n| u16::try_from(n).ok())
+        .filter(|n| *n != 0)
+        .ok_or_else(|| {
+            src.error(
+                src.value(key, value),
+                format!(
+                    "`{}` must be a port number from 1 to 65535, not {}",
+                    key.as_str(),
+                    describe(value)
+                ),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
