@@ -82,10 +82,11 @@ pub struct Inventory {
 /// Reading an inventory file failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("cannot read the inventory {path}: {source}")]
+    #[error("cannot read the inventory {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        // Not `source`: the message already says it, and a source would print it a second time.
+        error: std::io::Error,
     },
     #[error(transparent)]
     Parse(#[from] ParseError),
@@ -94,9 +95,9 @@ pub enum InventoryError {
 impl Inventory {
     /// Reads and parses the inventory file at `path`.
     pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| InventoryError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Inventory::parse(&path.display().to_string(), &text)?)
     }

@@ -32,10 +32,11 @@ pub enum SettingsError {
     Inventory(#[from] InventoryError),
     #[error(transparent)]
     Parse(#[from] ParseError),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        // Not `source`: the message already says it, and a source would print it a second time.
+        error: std::io::Error,
     },
     #[error(
         "the nginx settings are given twice, in {0} (vars.nginx) and in {1} (nginx): keep one"
@@ -51,9 +52,9 @@ pub fn load(
 ) -> Result<(Inventory, NginxSettings), SettingsError> {
     let inventory = Inventory::load(inventory_path)?;
     let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        std::fs::read_to_string(path).map_err(|error| SettingsError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     };
     let dir_of = |path: &Path| match path.parent() {
