@@ -64,18 +64,7 @@ fn render_cmd(args: RenderArgs, config: Option<&Path>) -> anyhow::Result<u8> {
     let template_dirs = match &args.templates {
         Some(dir) if !dir.is_dir() => anyhow::bail!("--templates {}: not a folder", dir.display()),
         Some(dir) => vec![dir.clone()],
-        None => {
-            let beside = args
-                .inventory
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join("templates/nginx");
-            if beside.is_dir() {
-                vec![beside]
-            } else {
-                Vec::new()
-            }
-        }
+        None => crate::ops::nginx::template_dirs_beside(&args.inventory),
     };
     let opts = RenderOptions {
         env: args.env.clone(),

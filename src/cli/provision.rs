@@ -174,16 +174,8 @@ fn nginx_site_var(inventory: &Path) -> anyhow::Result<Json> {
     use crate::ops::nginx::settings::Tls;
     let (inv, settings) = crate::ops::nginx::load(inventory, None)?;
     let ups = render::upstreams(&inv, &settings)?;
-    let beside = inventory
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("templates/nginx");
     let opts = RenderOptions {
-        template_dirs: if beside.is_dir() {
-            vec![beside]
-        } else {
-            Vec::new()
-        },
+        template_dirs: crate::ops::nginx::template_dirs_beside(inventory),
         estate: inv.source.clone(),
         ..RenderOptions::default()
     };

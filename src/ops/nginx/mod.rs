@@ -44,6 +44,20 @@ pub enum SettingsError {
     Twice(String, String),
 }
 
+/// The template folders that override the built-in ones when none is named: `templates/nginx/` next to
+/// the inventory, when it exists (as playbooks are looked up next to it).
+pub fn template_dirs_beside(inventory_path: &Path) -> Vec<PathBuf> {
+    let beside = inventory_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("templates/nginx");
+    if beside.is_dir() {
+        vec![beside]
+    } else {
+        Vec::new()
+    }
+}
+
 /// The inventory at `inventory_path` and the `nginx:` block of the estate: the inventory's `vars.nginx`,
 /// else `cozy.yaml`'s `nginx` (`config`, or ./cozy.yaml when it exists), else the defaults.
 pub fn load(
